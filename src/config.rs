@@ -1,0 +1,577 @@
+//! Typed settings: a TOML file plus `EDGESIGHT__SECTION__KEY` environment overrides.
+//!
+//! Loading goes through the `config` crate so that the file and the environment merge in one
+//! place. Deserialisation is wrapped in `serde_ignored`, so every unknown key is collected
+//! (with its full path) instead of stopping at the first one, and [`Settings::validate`] then
+//! reports every semantic problem at once, each naming its key. An operator fixing a config
+//! file sees the whole list in one run of `edgesight config check`.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The environment prefix; `EDGESIGHT__MQTT__PORT=1884` overrides `mqtt.port`.
+pub const ENV_PREFIX: &str = "EDGESIGHT";
+
+/// The config file the daemon reads when `--config` is not given, if it exists.
+pub const SYSTEM_CONFIG: &str = "/etc/edgesight/edgesight.toml";
+
+/// Everything edgesight reads from its configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Settings {
+    /// Identifies this box in topics and payloads. Default: the host name.
+    pub device_id: String,
+    /// Log filter in `tracing` syntax, e.g. `info` or `edgesight=debug`. Default `info`.
+    /// `RUST_LOG` wins when set.
+    pub log: String,
+    pub model: ModelSettings,
+    pub engine: EngineSettings,
+    pub mqtt: MqttSettings,
+    pub streams: Vec<StreamSettings>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ModelSettings {
+    /// A bundle directory (see `models/README.md`). Default `models/default`.
+    pub path: PathBuf,
+    /// Inference backend: `tract` (CPU, default) or `torch` (needs the `torch` build feature).
+    pub backend: Backend,
+    /// torch only: `auto`, `cpu`, `cuda` or `cuda:N`. Default `auto`.
+    pub device: String,
+    /// Inference threads; 0 means one per CPU core. Default 0.
+    pub threads: usize,
+    /// Write a seeded synthetic bundle to `path` when it does not exist. Default false; the
+    /// built-in demo turns it on.
+    pub synth_if_missing: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Tract,
+    Torch,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct EngineSettings {
+    /// Frames waiting for inference, all streams together. When full, file sources wait and
+    /// live sources drop their oldest frame. Default 8.
+    pub queue: usize,
+    /// Labels listed in each payload's `top_k`. Default 3.
+    pub top_k: usize,
+    /// Publish the k-dimensional PCA embedding with each classification. Default false.
+    pub embeddings: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MqttSettings {
+    /// Broker host name or address. Default `127.0.0.1`.
+    pub host: String,
+    /// Broker TCP port. Default 1883.
+    pub port: u16,
+    /// Topic prefix; topics are `<prefix>/<device_id>/…`. Default `edgesight`.
+    pub prefix: String,
+    /// QoS of `classification` messages: 0, 1 or 2. Default 1.
+    pub qos: u8,
+    /// MQTT client id. Default `edgesight-<device_id>`.
+    pub client_id: Option<String>,
+    /// Credentials; both or neither. Default none.
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// MQTT keep-alive, seconds. Default 30.
+    pub keep_alive_s: u64,
+    /// Seconds to wait at shutdown for the broker to acknowledge QoS ≥ 1 messages. Default 10.
+    pub flush_timeout_s: u64,
+    /// `never`: only use the configured broker. `auto`: when `host` is a loopback address and
+    /// nothing listens on `port` at start, run an embedded broker there. `always`: run the
+    /// embedded broker on 127.0.0.1:`port`. Default `never`; the built-in demo uses `auto`.
+    pub embedded: Embedded,
+    /// Print every message published to standard output. Default false; the demo turns it on.
+    pub echo: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Embedded {
+    Never,
+    Auto,
+    Always,
+}
+
+/// One `[[streams]]` entry. The keys that apply depend on `kind`; a key set for a kind that
+/// does not use it is an error, so a typo never silently falls back to a default.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct StreamSettings {
+    /// Unique name; used in topics, so letters, digits, `-` and `_` only.
+    pub name: String,
+    /// `file` or `test` (`v4l2`, `rtsp`, `uri` and `pipeline` are not built yet).
+    pub kind: String,
+    /// Cap on frames classified per second of stream time. Default 1.0.
+    pub fps: Option<f64>,
+    /// file: the video file.
+    pub path: Option<PathBuf>,
+    /// file: pace frames by their timestamps, as a camera would. Default false.
+    pub realtime: Option<bool>,
+    /// file: start again at the end instead of ending the stream. Default false.
+    #[serde(rename = "loop")]
+    pub looping: Option<bool>,
+    /// test: a `videotestsrc` pattern name, e.g. `smpte`, `ball`. Default `smpte`.
+    pub pattern: Option<String>,
+    /// test: frame size in pixels. Default 320×240.
+    pub width: Option<u32>,
+    pub height: Option<u32>,
+    /// test: frames to produce before the stream ends; absent means endless.
+    pub frames: Option<u64>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            device_id: default_device_id(),
+            log: "info".into(),
+            model: ModelSettings::default(),
+            engine: EngineSettings::default(),
+            mqtt: MqttSettings::default(),
+            streams: Vec::new(),
+        }
+    }
+}
+
+impl Default for ModelSettings {
+    fn default() -> Self {
+        ModelSettings {
+            path: PathBuf::from("models/default"),
+            backend: Backend::Tract,
+            device: "auto".into(),
+            threads: 0,
+            synth_if_missing: false,
+        }
+    }
+}
+
+impl Default for EngineSettings {
+    fn default() -> Self {
+        EngineSettings { queue: 8, top_k: 3, embeddings: false }
+    }
+}
+
+impl Default for MqttSettings {
+    fn default() -> Self {
+        MqttSettings {
+            host: "127.0.0.1".into(),
+            port: 1883,
+            prefix: "edgesight".into(),
+            qos: 1,
+            client_id: None,
+            username: None,
+            password: None,
+            keep_alive_s: 30,
+            flush_timeout_s: 10,
+            embedded: Embedded::Never,
+            echo: false,
+        }
+    }
+}
+
+/// The host name, or `edgesight` when it cannot be read.
+pub fn default_device_id() -> String {
+    hostname::get()
+        .ok()
+        .and_then(|name| name.into_string().ok())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "edgesight".into())
+}
+
+/// One thing wrong with a configuration, with the key it concerns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// Dotted key path, e.g. `mqtt.port` or `streams[1].path`.
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+/// A configuration that could not be used: where it came from and every problem found.
+#[derive(Debug, thiserror::Error)]
+pub struct ConfigError {
+    pub source_name: String,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let count = self.problems.len();
+        let noun = if count == 1 { "problem" } else { "problems" };
+        write!(f, "{}: {count} {noun}", self.source_name)?;
+        for problem in &self.problems {
+            write!(f, "\n  {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Settings {
+    /// The built-in demo: a synthetic model generated once under `cache_dir`, a test-pattern
+    /// stream, and an embedded broker when none listens on 127.0.0.1:1883.
+    pub fn demo(cache_dir: &Path) -> Settings {
+        let mut settings = Settings::default();
+        settings.model.path = cache_dir.join("models").join("demo");
+        settings.model.synth_if_missing = true;
+        settings.mqtt.embedded = Embedded::Auto;
+        settings.mqtt.echo = true;
+        settings.streams.push(StreamSettings {
+            name: "demo".into(),
+            kind: "test".into(),
+            fps: Some(1.0),
+            pattern: Some("ball".into()),
+            ..StreamSettings::default()
+        });
+        settings
+    }
+
+    /// Reads `file` (when given) and the environment, then validates.
+    pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
+        let source_name = file.map_or_else(|| "environment".to_string(), |f| f.display().to_string());
+        let mut builder = config::Config::builder();
+        if let Some(file) = file {
+            if !file.is_file() {
+                return Err(ConfigError {
+                    source_name,
+                    problems: vec![Problem {
+                        key: "(file)".into(),
+                        message: "no such file".into(),
+                    }],
+                });
+            }
+            builder = builder.add_source(config::File::from(file).format(config::FileFormat::Toml));
+        }
+        builder = builder.add_source(
+            config::Environment::with_prefix(ENV_PREFIX)
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true),
+        );
+        let raw = builder.build().map_err(|error| ConfigError {
+            source_name: source_name.clone(),
+            problems: vec![Problem { key: "(file)".into(), message: error.to_string() }],
+        })?;
+        Self::from_config(raw, source_name)
+    }
+
+    /// Parses TOML text (and the environment), for tests and `config check` on stdin.
+    pub fn from_toml_str(text: &str, source_name: &str) -> Result<Settings, ConfigError> {
+        let raw = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .build()
+            .map_err(|error| ConfigError {
+                source_name: source_name.into(),
+                problems: vec![Problem { key: "(file)".into(), message: error.to_string() }],
+            })?;
+        Self::from_config(raw, source_name.into())
+    }
+
+    fn from_config(raw: config::Config, source_name: String) -> Result<Settings, ConfigError> {
+        let mut unknown = Vec::new();
+        let parsed: Result<Settings, _> =
+            serde_ignored::deserialize(raw, |path| unknown.push(path.to_string()));
+        let mut problems: Vec<Problem> = unknown
+            .into_iter()
+            .map(|key| Problem { key: tidy_key(&key), message: "unknown key".into() })
+            .collect();
+        match parsed {
+            Ok(settings) => {
+                problems.extend(settings.validate());
+                if problems.is_empty() {
+                    Ok(settings)
+                } else {
+                    Err(ConfigError { source_name, problems })
+                }
+            }
+            Err(error) => {
+                problems.push(type_problem(&error));
+                Err(ConfigError { source_name, problems })
+            }
+        }
+    }
+
+    /// Every semantic problem, each naming its key. Empty when the settings are usable.
+    pub fn validate(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let mut problem = |key: &str, message: String| {
+            problems.push(Problem { key: key.to_string(), message });
+        };
+        if !is_topic_word(&self.device_id) {
+            problem("device_id", format!("{:?} must be non-empty, without / + # or spaces", self.device_id));
+        }
+        if self.model.backend == Backend::Torch && !cfg!(feature = "torch") {
+            problem(
+                "model.backend",
+                "\"torch\" needs a build with the `torch` feature; this build has tract only".into(),
+            );
+        }
+        if !is_device(&self.model.device) {
+            problem("model.device", format!("{:?} is not auto, cpu, cuda or cuda:N", self.model.device));
+        }
+        if self.engine.queue == 0 {
+            problem("engine.queue", "must be at least 1".into());
+        }
+        if self.engine.top_k == 0 {
+            problem("engine.top_k", "must be at least 1".into());
+        }
+        if self.mqtt.host.trim().is_empty() {
+            problem("mqtt.host", "must not be empty".into());
+        }
+        if self.mqtt.port == 0 {
+            problem("mqtt.port", "must be 1–65535".into());
+        }
+        if self.mqtt.qos > 2 {
+            problem("mqtt.qos", format!("{} is not 0, 1 or 2", self.mqtt.qos));
+        }
+        if self.mqtt.prefix.is_empty() || self.mqtt.prefix.contains(['+', '#']) {
+            problem("mqtt.prefix", format!("{:?} must be non-empty, without + or #", self.mqtt.prefix));
+        }
+        if self.mqtt.username.is_some() != self.mqtt.password.is_some() {
+            problem("mqtt.password", "username and password go together".into());
+        }
+        if self.mqtt.keep_alive_s < 5 {
+            problem("mqtt.keep_alive_s", "must be at least 5 seconds".into());
+        }
+        if self.streams.is_empty() {
+            problem("streams", "at least one [[streams]] entry is needed".into());
+        }
+        for (index, stream) in self.streams.iter().enumerate() {
+            for (key, message) in stream.problems() {
+                problem(&format!("streams[{index}].{key}"), message);
+            }
+            let first = self.streams.iter().position(|other| other.name == stream.name);
+            if !stream.name.is_empty() && first != Some(index) {
+                problem(&format!("streams[{index}].name"), format!("{:?} is used twice", stream.name));
+            }
+        }
+        problems
+    }
+
+    /// The `client_id` to use: configured, or `edgesight-<device_id>`.
+    pub fn client_id(&self) -> String {
+        self.mqtt.client_id.clone().unwrap_or_else(|| format!("edgesight-{}", self.device_id))
+    }
+
+    /// The effective configuration as TOML, with the password masked.
+    pub fn to_toml(&self) -> String {
+        let mut shown = self.clone();
+        if shown.mqtt.password.is_some() {
+            shown.mqtt.password = Some("********".into());
+        }
+        toml::to_string_pretty(&shown).unwrap_or_else(|error| format!("# cannot print: {error}"))
+    }
+}
+
+impl StreamSettings {
+    /// The fps cap, default 1.0.
+    pub fn fps(&self) -> f64 {
+        self.fps.unwrap_or(1.0)
+    }
+
+    fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut problems = Vec::new();
+        if !is_topic_word(&self.name) || self.name.contains('.') {
+            problems.push(("name", format!("{:?} must be letters, digits, - or _", self.name)));
+        }
+        if let Some(fps) = self.fps
+            && !(fps > 0.0 && fps <= 1000.0)
+        {
+            problems.push(("fps", format!("{fps} is not in (0, 1000]")));
+        }
+        let used: &[&'static str] = match self.kind.as_str() {
+            "file" => {
+                match &self.path {
+                    None => problems.push(("path", "a file stream needs a path".into())),
+                    Some(path) if path.as_os_str().is_empty() => {
+                        problems.push(("path", "must not be empty".into()))
+                    }
+                    Some(_) => {}
+                }
+                &["path", "realtime", "loop"]
+            }
+            "test" => {
+                for (key, value) in [("width", self.width), ("height", self.height)] {
+                    if let Some(value) = value
+                        && !(16..=7680).contains(&value)
+                    {
+                        problems.push((key, format!("{value} is not in 16–7680")));
+                    }
+                }
+                &["pattern", "width", "height", "frames"]
+            }
+            "v4l2" | "rtsp" | "uri" | "pipeline" => {
+                problems.push(("kind", format!("{:?} is not supported by this version yet", self.kind)));
+                &[]
+            }
+            other => {
+                problems.push(("kind", format!("{other:?} is not file, test, v4l2, rtsp, uri or pipeline")));
+                return problems;
+            }
+        };
+        let set: [(&'static str, bool); 7] = [
+            ("path", self.path.is_some()),
+            ("realtime", self.realtime.is_some()),
+            ("loop", self.looping.is_some()),
+            ("pattern", self.pattern.is_some()),
+            ("width", self.width.is_some()),
+            ("height", self.height.is_some()),
+            ("frames", self.frames.is_some()),
+        ];
+        for (key, is_set) in set {
+            if is_set && !used.contains(&key) {
+                problems.push((key, format!("does not apply to kind {:?}", self.kind)));
+            }
+        }
+        problems
+    }
+}
+
+fn is_topic_word(word: &str) -> bool {
+    !word.is_empty() && !word.contains(['/', '+', '#', ' ', '\0'])
+}
+
+fn is_device(device: &str) -> bool {
+    match device {
+        "auto" | "cpu" | "cuda" => true,
+        other => other
+            .strip_prefix("cuda:")
+            .is_some_and(|index| !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit())),
+    }
+}
+
+/// `serde_ignored` writes sequence indices as `streams.1.foo`; operators read `streams[1].foo`.
+fn tidy_key(key: &str) -> String {
+    let mut out = String::new();
+    for part in key.split('.') {
+        if !out.is_empty() && part.bytes().all(|b| b.is_ascii_digit()) {
+            out.push_str(&format!("[{part}]"));
+        } else {
+            if !out.is_empty() {
+                out.push('.');
+            }
+            out.push_str(part);
+        }
+    }
+    out
+}
+
+/// A type error from the `config` crate names its key as `… for key `mqtt.port``; lift the key
+/// out so the problem reads like the others.
+fn type_problem(error: &config::ConfigError) -> Problem {
+    let text = error.to_string();
+    if let Some(start) = text.find("for key `") {
+        let rest = &text[start + "for key `".len()..];
+        if let Some(end) = rest.find('`') {
+            let message = text[..start].trim().to_string();
+            return Problem { key: tidy_key(&rest[..end]), message };
+        }
+    }
+    Problem { key: "(value)".into(), message: text }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+        device_id = "box-1"
+        [mqtt]
+        port = 1884
+        [[streams]]
+        name = "door"
+        kind = "file"
+        path = "door.mp4"
+        fps = 2.0
+    "#;
+
+    #[test]
+    fn reads_a_minimal_file() {
+        let settings = Settings::from_toml_str(GOOD, "good.toml").unwrap();
+        assert_eq!(settings.device_id, "box-1");
+        assert_eq!(settings.mqtt.port, 1884);
+        assert_eq!(settings.mqtt.host, "127.0.0.1");
+        assert_eq!(settings.streams[0].fps(), 2.0);
+        assert_eq!(settings.client_id(), "edgesight-box-1");
+    }
+
+    #[test]
+    fn reports_every_unknown_key_with_its_path() {
+        let text = format!("{GOOD}\ncolour = 1\n[model]\nbakend = \"tract\"\n");
+        let text = text.replace("fps = 2.0", "fps = 2.0\nfsp = 3");
+        let error = Settings::from_toml_str(&text, "bad.toml").unwrap_err();
+        let keys: Vec<&str> = error.problems.iter().map(|p| p.key.as_str()).collect();
+        assert!(keys.contains(&"colour"), "{keys:?}");
+        assert!(keys.contains(&"model.bakend"), "{keys:?}");
+        assert!(keys.contains(&"streams[0].fsp"), "{keys:?}");
+    }
+
+    #[test]
+    fn reports_every_semantic_problem_at_once() {
+        let text = r#"
+            [mqtt]
+            qos = 3
+            username = "a"
+            [[streams]]
+            name = "a/b"
+            kind = "file"
+            pattern = "ball"
+            [[streams]]
+            name = "x"
+            kind = "camera"
+        "#;
+        let error = Settings::from_toml_str(text, "bad.toml").unwrap_err();
+        let keys: Vec<&str> = error.problems.iter().map(|p| p.key.as_str()).collect();
+        for key in [
+            "mqtt.qos",
+            "mqtt.password",
+            "streams[0].name",
+            "streams[0].path",
+            "streams[0].pattern",
+            "streams[1].kind",
+        ] {
+            assert!(keys.contains(&key), "{key} missing from {keys:?}");
+        }
+    }
+
+    #[test]
+    fn names_the_key_of_a_type_error() {
+        let text = GOOD.replace("port = 1884", "port = \"many\"");
+        let error = Settings::from_toml_str(&text, "bad.toml").unwrap_err();
+        assert_eq!(error.problems[0].key, "mqtt.port", "{error}");
+    }
+
+    #[test]
+    fn rejects_duplicate_stream_names() {
+        let text = format!("{GOOD}\n[[streams]]\nname = \"door\"\nkind = \"test\"\n");
+        let error = Settings::from_toml_str(&text, "dup.toml").unwrap_err();
+        assert_eq!(error.problems[0].key, "streams[1].name");
+    }
+
+    #[test]
+    fn masks_the_password_when_printed() {
+        let text = GOOD.replace("port = 1884", "username = \"u\"\npassword = \"hunter2\"");
+        let settings = Settings::from_toml_str(&text, "p.toml").unwrap();
+        assert!(!settings.to_toml().contains("hunter2"));
+    }
+
+    #[test]
+    fn demo_settings_are_valid() {
+        let settings = Settings::demo(Path::new("/tmp/edgesight-test"));
+        assert!(settings.validate().is_empty(), "{:?}", settings.validate());
+    }
+}
