@@ -1,1 +1,227 @@
-fn main() {}
+//! The `edgesight` command line: the daemon, one-shot classification and the bundle tools.
+//!
+//! This is the binary's edge, so errors become `anyhow` reports here and exit codes are
+//! decided here: 0 when everything asked for worked, 1 when something failed, 2 for a usage
+//! or configuration error.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use edgesight::classify::{Classifier, TABLE_HEADER};
+use edgesight::config::{self, Settings};
+use edgesight::model::{self, Bundle, SynthOptions};
+use edgesight::service;
+use tracing_subscriber::EnvFilter;
+
+#[derive(Parser)]
+#[command(name = "edgesight", version, about = "Camera and file streams → image classifications on MQTT")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon. Without --config it reads /etc/edgesight/edgesight.toml when present,
+    /// and otherwise runs the built-in demo (synthetic model, test pattern, embedded broker).
+    Run {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Classify images and videos once; a table, or one JSON object per line with --json.
+    Classify {
+        /// Model bundle directory.
+        #[arg(long, default_value = "models/default")]
+        model: PathBuf,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Video frames to classify per second of video.
+        #[arg(long, default_value_t = 1.0)]
+        fps: f64,
+        /// Inference threads; 0 means one per core.
+        #[arg(long, default_value_t = 0)]
+        threads: usize,
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Model bundle tools.
+    #[command(subcommand)]
+    Model(ModelCommand),
+    /// Configuration tools.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Write a bundle with an architecture-exact ResNet-50 and seeded weights.
+    Synth {
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Comma-separated class names.
+        #[arg(long, value_delimiter = ',')]
+        labels: Option<Vec<String>>,
+        /// Square input side in pixels; a multiple of 32.
+        #[arg(long, default_value_t = 224)]
+        input_size: u32,
+    },
+    /// Print the stages, shapes, parameter counts, GFLOPs, k and labels of a bundle.
+    Inspect { dir: PathBuf },
+    /// Check a bundle's checksums and shapes and run one forward pass.
+    Verify { dir: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print the effective configuration, or every problem with its key.
+    Check { file: Option<PathBuf> },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match execute(cli.command) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn execute(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Run { config } => run(config.as_deref()),
+        Command::Classify { model, json, fps, threads, files } => {
+            init_logging("warn");
+            classify(&model, json, fps, threads, &files)
+        }
+        Command::Model(command) => {
+            init_logging("info");
+            model_command(command)
+        }
+        Command::Config(ConfigCommand::Check { file }) => {
+            let file = file.or_else(system_config);
+            match Settings::load(file.as_deref()) {
+                Ok(settings) => {
+                    print!("{}", settings.to_toml());
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(error) => {
+                    eprintln!("{error}");
+                    Ok(ExitCode::from(2))
+                }
+            }
+        }
+    }
+}
+
+fn system_config() -> Option<PathBuf> {
+    let path = PathBuf::from(config::SYSTEM_CONFIG);
+    path.is_file().then_some(path)
+}
+
+fn run(config: Option<&Path>) -> anyhow::Result<ExitCode> {
+    let file = config.map(Path::to_path_buf).or_else(system_config);
+    let settings = match &file {
+        Some(file) => match Settings::load(Some(file)) {
+            Ok(settings) => settings,
+            Err(error) => {
+                eprintln!("{error}");
+                return Ok(ExitCode::from(2));
+            }
+        },
+        None => Settings::demo(&service::cache_dir()),
+    };
+    init_logging(&settings.log);
+    if file.is_none() {
+        tracing::info!(
+            cache = %service::cache_dir().display(),
+            "no config file: running the demo (synthetic model, test pattern); Ctrl-C stops it"
+        );
+    }
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let outcome = runtime.block_on(service::run(settings))?;
+    Ok(if outcome.all_failed() || outcome.unacknowledged > 0 {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+fn classify(
+    model_dir: &Path,
+    json: bool,
+    fps: f64,
+    threads: usize,
+    files: &[PathBuf],
+) -> anyhow::Result<ExitCode> {
+    if !(fps > 0.0) {
+        anyhow::bail!("--fps must be above 0, not {fps}");
+    }
+    let bundle = Bundle::open(model_dir).with_context(|| {
+        format!(
+            "cannot open the model bundle (make one with `edgesight model synth --out {}`)",
+            model_dir.display()
+        )
+    })?;
+    let backend = model::open_backend(&bundle, threads)?;
+    let mut classifier = Classifier::new(backend, &bundle, fps);
+    if !json {
+        println!("{TABLE_HEADER}");
+    }
+    let mut failed = 0;
+    for file in files {
+        let ok = classifier.classify_path(file, &mut |row| {
+            if json {
+                println!("{}", serde_json::to_string(&row).unwrap_or_default());
+            } else {
+                println!("{}", row.table_line());
+            }
+        });
+        if !ok {
+            failed += 1;
+        }
+    }
+    if failed > 0 {
+        eprintln!("{failed} of {} inputs failed", files.len());
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn model_command(command: ModelCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        ModelCommand::Synth { out, seed, labels, input_size } => {
+            if input_size < 32 || input_size % 32 != 0 {
+                anyhow::bail!("--input-size must be a positive multiple of 32, not {input_size}");
+            }
+            let mut options = SynthOptions { seed, input_size, ..SynthOptions::default() };
+            if let Some(labels) = labels {
+                options.labels = labels;
+            }
+            model::synth::write_bundle(&out, &options)
+                .with_context(|| format!("cannot write a bundle to {}", out.display()))?;
+            println!("wrote {}", out.display());
+        }
+        ModelCommand::Inspect { dir } => {
+            let bundle = Bundle::open(&dir)?;
+            print!("{}", model::inspect(&bundle)?);
+        }
+        ModelCommand::Verify { dir } => {
+            println!("{}", model::verify(&dir)?);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn init_logging(default: &str) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(default))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}

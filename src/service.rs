@@ -1,1 +1,171 @@
-//! SKELETON
+//! `edgesight run`: starts the stages in order, and shuts them down in the reverse order.
+//!
+//! Start-up: model (generated first when the settings ask for it), broker (embedded when the
+//! settings ask for it), publisher, engine thread, then one source per stream. A stream that
+//! cannot start is reported on its retained state topic and the others go on. Shutdown, on the
+//! end of every stream or on SIGINT/SIGTERM: sources stop and send their last event, the
+//! engine drains its queue, the publisher flushes QoS ≥ 1 messages, publishes `offline` and
+//! disconnects.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tracing::{error, info, warn};
+
+use crate::config::Settings;
+use crate::engine::{Engine, EngineOptions, EngineSummary};
+use crate::model::{self, Bundle, ModelError, SynthOptions};
+use crate::publish::{Publisher, broker};
+use crate::source::{self, SourceEvent};
+
+/// Why the daemon could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("model {path}: {source}")]
+    Model { path: PathBuf, source: ModelError },
+    #[error(transparent)]
+    Publish(#[from] crate::publish::PublishError),
+    #[error("cannot start the engine thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub struct RunOutcome {
+    pub summary: EngineSummary,
+    /// A signal asked for the stop (as opposed to every stream ending).
+    pub interrupted: bool,
+    /// QoS ≥ 1 messages the broker never acknowledged before the flush timeout.
+    pub unacknowledged: u64,
+}
+
+impl RunOutcome {
+    /// True when nothing worked: every stream failed and no signal interrupted the run.
+    pub fn all_failed(&self) -> bool {
+        !self.interrupted && self.summary.ended.is_empty() && !self.summary.failed.is_empty()
+    }
+}
+
+/// Where the demo keeps its generated model: `$XDG_CACHE_HOME/edgesight`, else
+/// `~/.cache/edgesight`, else the system temporary directory.
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME").filter(|dir| !dir.is_empty()) {
+        return PathBuf::from(dir).join("edgesight");
+    }
+    if let Some(home) = std::env::var_os("HOME").filter(|home| !home.is_empty()) {
+        return PathBuf::from(home).join(".cache").join("edgesight");
+    }
+    std::env::temp_dir().join("edgesight")
+}
+
+/// Opens the bundle at `path`, writing a synthetic one first when `synth_if_missing` is set
+/// and nothing is there.
+pub fn prepare_bundle(path: &Path, synth_if_missing: bool) -> Result<Bundle, ServiceError> {
+    let wrap = |source| ServiceError::Model { path: path.to_path_buf(), source };
+    if synth_if_missing && !path.join("manifest.toml").exists() {
+        info!(model = %path.display(), "no bundle yet; writing a synthetic ResNet-50 bundle");
+        model::synth::write_bundle(path, &SynthOptions::default()).map_err(wrap)?;
+    }
+    Bundle::open(path).map_err(wrap)
+}
+
+/// Runs the daemon until every stream has ended or a signal arrives.
+pub async fn run(settings: Settings) -> Result<RunOutcome, ServiceError> {
+    let run_id = uuid::Uuid::new_v4().to_string();
+    info!(device = %settings.device_id, %run_id, streams = settings.streams.len(), "starting");
+
+    let bundle = prepare_bundle(&settings.model.path, settings.model.synth_if_missing)?;
+    let backend = model::open_backend(&bundle, settings.model.threads)
+        .map_err(|source| ServiceError::Model { path: bundle.dir.clone(), source })?;
+    info!(model = %bundle.identity.name, version = %bundle.identity.version, "model loaded");
+
+    // Held for the whole run: dropping it stops the embedded broker.
+    let _broker = broker::resolve_broker(&settings.mqtt).await?;
+    let publisher = Publisher::start(&settings).await?;
+    let out = publisher.sender();
+
+    let (events_tx, events_rx) = crossbeam_channel::bounded(settings.engine.queue);
+    let options = EngineOptions {
+        device: settings.device_id.clone(),
+        run_id: run_id.clone(),
+        top_k: settings.engine.top_k,
+        embeddings: settings.engine.embeddings,
+    };
+    let engine = Engine::new(backend, &bundle, options);
+    let engine_out = out.clone();
+    let (done_tx, mut done_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("edgesight-engine".into())
+        .spawn(move || {
+            let summary = engine.run(events_rx, engine_out);
+            let _ = done_tx.send(summary);
+        })
+        .map_err(ServiceError::Thread)?;
+
+    let mut handles = Vec::new();
+    for stream in &settings.streams {
+        match source::spawn(stream, events_tx.clone()) {
+            Ok(handle) => handles.push(handle),
+            Err(error) => {
+                error!(stream = %stream.name, %error, "stream cannot start");
+                let name: Arc<str> = stream.name.as_str().into();
+                let _ = events_tx.send(SourceEvent::Failed { stream: name, error });
+            }
+        }
+    }
+    // The engine ends when the last sender is gone: the one each source holds.
+    drop(events_tx);
+    info!(streams = handles.len(), "running");
+
+    let mut interrupted = false;
+    let summary = tokio::select! {
+        summary = &mut done_rx => summary.ok(),
+        signal = shutdown_signal() => {
+            info!(%signal, "stopping");
+            interrupted = true;
+            None
+        }
+    };
+    let summary = match summary {
+        Some(summary) => summary,
+        None => {
+            for handle in &handles {
+                handle.stop();
+            }
+            done_rx.await.unwrap_or_default()
+        }
+    };
+    let handles_done = tokio::task::spawn_blocking(move || {
+        for handle in handles {
+            handle.join();
+        }
+    });
+    if handles_done.await.is_err() {
+        warn!("a source thread panicked while stopping");
+    }
+
+    drop(out);
+    let report = publisher.finish().await?;
+    info!(
+        ended = summary.ended.len(),
+        failed = summary.failed.len(),
+        unacknowledged = report.unacknowledged,
+        "stopped"
+    );
+    Ok(RunOutcome { summary, interrupted, unacknowledged: report.unacknowledged })
+}
+
+/// Resolves on SIGINT or SIGTERM with the signal's name.
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut interrupt), Ok(mut terminate)) =
+        (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
+    else {
+        warn!("cannot install signal handlers; only the end of every stream stops the daemon");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = interrupt.recv() => "SIGINT",
+        _ = terminate.recv() => "SIGTERM",
+    }
+}

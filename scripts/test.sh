@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Installs what the tests need (GStreamer, Mosquitto, onnxruntime for the reference test),
+# starts Mosquitto on a free 127.0.0.1 port, and runs every test.
+#
+# Caches live outside the checkout (~/.cache/edgesight): the cargo target directory and a
+# Python virtual environment. Both are rebuilt when missing, so a clean machine works too.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cache="${EDGESIGHT_CACHE:-$HOME/.cache/edgesight}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache/target}"
+mkdir -p "$cache"
+
+sudo=""
+if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
+
+# 1. System packages, installed only when missing (apt-get update is the slow part).
+packages=(
+  pkg-config libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev
+  gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
+  gstreamer1.0-libav gstreamer1.0-tools mosquitto mosquitto-clients python3 python3-venv
+)
+missing=()
+for package in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
+    || missing+=("$package")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "installing: ${missing[*]}"
+  $sudo apt-get update -qq
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    "${missing[@]}"
+fi
+
+# 2. onnxruntime (PyPI) for the backbone reference test, in a venv outside the checkout.
+venv="$cache/venv"
+if ! "$venv/bin/python" -c 'import onnxruntime, numpy' 2>/dev/null; then
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --cache-dir "$cache/pip" onnxruntime numpy
+fi
+export EDGESIGHT_PYTHON="$venv/bin/python"
+
+# 3. A Mosquitto of our own on a free loopback port, stopped when this script ends.
+port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+broker_dir=$(mktemp -d)
+printf 'listener %s 127.0.0.1\nallow_anonymous true\npersistence false\n' "$port" \
+  > "$broker_dir/mosquitto.conf"
+mosquitto -c "$broker_dir/mosquitto.conf" > "$broker_dir/log" 2>&1 &
+broker_pid=$!
+trap 'kill "$broker_pid" 2>/dev/null || true; rm -rf "$broker_dir"' EXIT
+for _ in $(seq 50); do
+  if mosquitto_pub -h 127.0.0.1 -p "$port" -t edgesight/probe -n 2>/dev/null; then break; fi
+  sleep 0.1
+done
+export EDGESIGHT_TEST_MQTT_PORT="$port"
+echo "mosquitto on 127.0.0.1:$port"
+
+# 4. Style, then every test (unit, integration, doc) and a compile of the benchmarks.
+cargo fmt --all -- --check
+cargo build --all-targets --locked
+cargo test --all-targets --locked -- --test-threads 2
+cargo test --doc --locked

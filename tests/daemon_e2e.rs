@@ -1,0 +1,317 @@
+//! The daemon end to end: real video files through GStreamer and the synthetic ResNet-50 to a
+//! real Mosquitto, checked by a subscriber of our own.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::bundle::{corpus, test_bundle};
+use common::mosquitto::Mosquitto;
+use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+use serde_json::Value;
+
+/// One message as the subscriber saw it.
+#[derive(Debug, Clone)]
+struct Seen {
+    topic: String,
+    payload: String,
+    retained: bool,
+}
+
+/// Subscribes to `filter` and forwards every publish until the connection drops.
+fn subscribe(port: u16, filter: &str, client_id: &str) -> (Client, mpsc::Receiver<Seen>) {
+    let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
+    options.set_keep_alive(Duration::from_secs(5));
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut connection) = Client::new(options, 100);
+    let (tx, rx) = mpsc::channel();
+    let (subscribed_tx, subscribed_rx) = mpsc::channel();
+    let filter = filter.to_string();
+    let subscriber = client.clone();
+    thread::spawn(move || {
+        for event in connection.iter() {
+            match event {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let _ = subscriber.subscribe(filter.clone(), QoS::AtLeastOnce);
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    let _ = subscribed_tx.send(());
+                }
+                Ok(Event::Incoming(Packet::Publish(publish))) => {
+                    let seen = Seen {
+                        topic: publish.topic.clone(),
+                        payload: String::from_utf8_lossy(&publish.payload).into_owned(),
+                        retained: publish.retain,
+                    };
+                    if tx.send(seen).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    subscribed_rx.recv_timeout(Duration::from_secs(10)).expect("subscription acknowledged");
+    (client, rx)
+}
+
+fn write_config(dir: &Path, port: u16, streams: &str) -> std::path::PathBuf {
+    let text = format!(
+        r#"
+device_id = "e2e"
+log = "info,edgesight=debug"
+[model]
+path = "{model}"
+threads = 1
+[mqtt]
+port = {port}
+prefix = "test"
+[[streams]]
+{streams}
+"#,
+        model = test_bundle().display()
+    );
+    let path = dir.join("edgesight.toml");
+    std::fs::write(&path, text).expect("config written");
+    path
+}
+
+/// Runs the daemon to completion and returns its exit status and standard error.
+fn run_daemon(config: &Path, timeout: Duration) -> (std::process::ExitStatus, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edgesight"))
+        .args(["run", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("daemon starts");
+    let stderr = child.stderr.take().expect("stderr piped");
+    let log = thread::spawn(move || std::io::read_to_string(stderr).unwrap_or_default());
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("daemon status") {
+            break status;
+        }
+        if started.elapsed() > timeout {
+            let _ = child.kill();
+            panic!("daemon did not finish within {timeout:?}");
+        }
+        thread::sleep(Duration::from_millis(50));
+    };
+    (status, log.join().unwrap_or_default())
+}
+
+fn collect_until_quiet(rx: &mpsc::Receiver<Seen>, quiet: Duration) -> Vec<Seen> {
+    let mut seen = Vec::new();
+    while let Ok(message) = rx.recv_timeout(quiet) {
+        seen.push(message);
+    }
+    seen
+}
+
+fn schema() -> jsonschema::Validator {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("schema/classification.schema.json"),
+    )
+    .expect("schema file");
+    let schema: Value = serde_json::from_str(&text).expect("schema is JSON");
+    jsonschema::validator_for(&schema).expect("schema compiles")
+}
+
+#[test]
+fn two_videos_reach_the_broker_one_message_per_sampled_frame() {
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let small = corpus("vid_h264_aac_160x90.mp4");
+    let hd = corpus("vid_vp8_vorbis_1280x720.webm");
+    let streams = format!(
+        "name = \"small\"\nkind = \"file\"\npath = \"{}\"\nfps = 2.0\n\n\
+         [[streams]]\nname = \"hd\"\nkind = \"file\"\npath = \"{}\"\nfps = 1.0\n",
+        small.display(),
+        hd.display()
+    );
+    let config = write_config(dir.path(), broker.port(), &streams);
+    let expected: BTreeMap<&str, usize> = [
+        ("small", edgesight::source::read_video(&small, 2.0).filter(Result::is_ok).count()),
+        ("hd", edgesight::source::read_video(&hd, 1.0).filter(Result::is_ok).count()),
+    ]
+    .into();
+    assert!(expected.values().all(|&count| count > 1), "{expected:?}");
+
+    let (_client, rx) = subscribe(broker.port(), "test/e2e/#", "e2e-watcher");
+    let (status, log) = run_daemon(&config, Duration::from_secs(300));
+    assert!(status.success(), "daemon exited with {status}:\n{log}");
+    let seen = collect_until_quiet(&rx, Duration::from_secs(2));
+
+    // Availability: online first, offline last, both retained.
+    let statuses: Vec<&Seen> = seen.iter().filter(|m| m.topic == "test/e2e/status").collect();
+    assert_eq!(statuses.first().map(|m| m.payload.as_str()), Some("online"), "{statuses:?}");
+    assert_eq!(statuses.last().map(|m| m.payload.as_str()), Some("offline"), "{statuses:?}");
+    assert!(statuses.iter().all(|m| m.retained || m.payload == "online"));
+
+    // One schema-valid classification per sampled frame, sequence numbers without gaps.
+    let validator = schema();
+    for (stream, count) in &expected {
+        let topic = format!("test/e2e/{stream}/classification");
+        let payloads: Vec<Value> = seen
+            .iter()
+            .filter(|m| m.topic == topic)
+            .map(|m| serde_json::from_str(&m.payload).expect("payload is JSON"))
+            .collect();
+        assert_eq!(payloads.len(), *count, "{stream}: classifications vs sampled frames");
+        for (index, payload) in payloads.iter().enumerate() {
+            let errors: Vec<String> =
+                validator.iter_errors(payload).map(|error| error.to_string()).collect();
+            assert!(errors.is_empty(), "{stream} #{index}: {errors:?}\n{payload}");
+            assert_eq!(payload["seq"], index as u64, "{stream}: sequence");
+            assert_eq!(payload["stream"], *stream);
+            assert_eq!(payload["device"], "e2e");
+        }
+        let run_ids: std::collections::BTreeSet<&Value> =
+            payloads.iter().map(|payload| &payload["run_id"]).collect();
+        assert_eq!(run_ids.len(), 1, "{stream}: one run id");
+
+        // The retained state ends as `ended`, holding the last label.
+        let state_topic = format!("test/e2e/{stream}/state");
+        let last_state = seen.iter().rev().find(|m| m.topic == state_topic).expect("state");
+        let state: Value = serde_json::from_str(&last_state.payload).expect("state JSON");
+        assert_eq!(state["status"], "ended", "{state}");
+        assert_eq!(state["seq"], (*count - 1) as u64, "{state}");
+    }
+
+    // A late subscriber sees the retained offline status.
+    let (_late, late_rx) = subscribe(broker.port(), "test/e2e/status", "e2e-late");
+    let retained = late_rx.recv_timeout(Duration::from_secs(5)).expect("retained status");
+    assert_eq!((retained.payload.as_str(), retained.retained), ("offline", true));
+}
+
+#[test]
+fn broken_streams_fail_alone_and_the_others_go_on() {
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let good = corpus("vid_h264_aac_160x90.mp4");
+    let streams = format!(
+        "name = \"good\"\nkind = \"file\"\npath = \"{good}\"\nfps = 1.0\n\n\
+         [[streams]]\nname = \"missing\"\nkind = \"file\"\npath = \"/nonexistent/door.mp4\"\n\n\
+         [[streams]]\nname = \"audio\"\nkind = \"file\"\npath = \"{audio}\"\n\n\
+         [[streams]]\nname = \"truncated\"\nkind = \"file\"\npath = \"{truncated}\"\n",
+        good = good.display(),
+        audio = corpus("vid_audio_only_vorbis.mkv").display(),
+        truncated = corpus("vid_truncated_avchd_4000B.mts").display(),
+    );
+    let config = write_config(dir.path(), broker.port(), &streams);
+    let expected = edgesight::source::read_video(&good, 1.0).filter(Result::is_ok).count();
+
+    let (_client, rx) = subscribe(broker.port(), "test/e2e/#", "e2e-broken");
+    let (status, log) = run_daemon(&config, Duration::from_secs(180));
+    assert!(status.success(), "one good stream is enough to succeed: {status}\n{log}");
+    let seen = collect_until_quiet(&rx, Duration::from_secs(2));
+
+    let good_count =
+        seen.iter().filter(|m| m.topic == "test/e2e/good/classification").count();
+    assert_eq!(good_count, expected, "the good stream lost nothing");
+
+    let final_state = |stream: &str| -> Value {
+        let topic = format!("test/e2e/{stream}/state");
+        let message = seen.iter().rev().find(|m| m.topic == topic);
+        let message = message.unwrap_or_else(|| panic!("no state for {stream}:\n{log}"));
+        serde_json::from_str(&message.payload).expect("state JSON")
+    };
+    let missing = final_state("missing");
+    assert_eq!(missing["status"], "failed");
+    let reason = missing["error"].as_str().unwrap_or_default();
+    assert!(reason.contains("/nonexistent/door.mp4"), "{reason}");
+    let audio = final_state("audio");
+    assert_eq!(audio["status"], "failed");
+    assert!(audio["error"].as_str().unwrap_or_default().contains("video"), "{audio}");
+    // The truncated file either yields what it can and ends, or fails with a reason.
+    let truncated = final_state("truncated");
+    assert!(truncated["status"] == "ended" || truncated["error"].is_string(), "{truncated}");
+}
+
+#[test]
+fn a_bad_config_key_is_named_and_nothing_starts() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, "[mqtt]\nprot = 1884\n[[streams]]\nname = \"a\"\nkind = \"test\"\n")
+        .expect("config written");
+    let output = Command::new(env!("CARGO_BIN_EXE_edgesight"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .expect("daemon runs");
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("mqtt.prot") && stderr.contains("unknown key"), "{stderr}");
+}
+
+#[test]
+fn a_missing_bundle_is_a_clear_error() {
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("nomodel.toml");
+    let text = format!(
+        "[model]\npath = \"{}/nowhere\"\n[mqtt]\nport = {}\n[[streams]]\nname = \"a\"\nkind = \"test\"\n",
+        dir.path().display(),
+        broker.port()
+    );
+    std::fs::write(&config, text).expect("config written");
+    let output = Command::new(env!("CARGO_BIN_EXE_edgesight"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .output()
+        .expect("daemon runs");
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("nowhere") && stderr.contains("manifest.toml"), "{stderr}");
+}
+
+#[test]
+fn sigterm_flushes_and_goes_offline() {
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = write_config(
+        dir.path(),
+        broker.port(),
+        "name = \"live\"\nkind = \"test\"\npattern = \"ball\"\nfps = 5.0\n",
+    );
+    let (_client, rx) = subscribe(broker.port(), "test/e2e/#", "e2e-sigterm");
+    let child = Command::new(env!("CARGO_BIN_EXE_edgesight"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("daemon starts");
+
+    // Wait for a few classifications, then ask the daemon to stop.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut seen = Vec::new();
+    while seen.iter().filter(|m: &&Seen| m.topic.ends_with("/classification")).count() < 3 {
+        assert!(Instant::now() < deadline, "no classifications from the test stream");
+        if let Ok(message) = rx.recv_timeout(Duration::from_millis(200)) {
+            seen.push(message);
+        }
+    }
+    let signalled = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    assert!(signalled.is_ok_and(|status| status.success()));
+    let output = child.wait_with_output().expect("daemon exits");
+    assert!(output.status.success(), "exit after SIGTERM: {}", output.status);
+
+    seen.extend(collect_until_quiet(&rx, Duration::from_secs(2)));
+    let last_status = seen.iter().rev().find(|m| m.topic == "test/e2e/status");
+    assert_eq!(last_status.map(|m| m.payload.as_str()), Some("offline"));
+    let seqs: Vec<u64> = seen
+        .iter()
+        .filter(|m| m.topic == "test/e2e/live/classification")
+        .filter_map(|m| serde_json::from_str::<Value>(&m.payload).ok())
+        .filter_map(|payload| payload["seq"].as_u64())
+        .collect();
+    assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>(), "no gaps");
+}
