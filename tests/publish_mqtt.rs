@@ -21,8 +21,7 @@ use serde_json::Value;
 const WAIT: Duration = Duration::from_secs(5);
 
 fn settings(port: u16, device: &str) -> Settings {
-    let mut settings = Settings::default();
-    settings.device_id = device.into();
+    let mut settings = Settings { device_id: device.into(), ..Settings::default() };
     settings.mqtt.host = "127.0.0.1".into();
     settings.mqtt.port = port;
     settings.mqtt.prefix = "edgesight-test".into();

@@ -43,7 +43,7 @@ pub enum PublishError {
         port: u16,
         topic: String,
         #[source]
-        source: rumqttc::ClientError,
+        source: Box<rumqttc::ClientError>,
     },
 
     /// A payload could not be serialised to JSON.

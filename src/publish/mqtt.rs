@@ -21,6 +21,7 @@
 //! tracker's `lost_with_session` count is what the spool retires. Not built yet.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -106,6 +107,8 @@ struct Shared {
     acks: Mutex<AckTracker>,
     /// Woken on every acknowledgement; `finish` is the only waiter.
     acked: Notify,
+    /// True between an accepted connection and the next connection error.
+    connected: AtomicBool,
     echo: bool,
 }
 
@@ -148,6 +151,7 @@ impl Publisher {
         let shared = Arc::new(Shared {
             acks: Mutex::new(AckTracker::new()),
             acked: Notify::new(),
+            connected: AtomicBool::new(false),
             echo: mqtt.echo,
         });
         let (connected_tx, connected_rx) = watch::channel(0u64);
@@ -159,6 +163,7 @@ impl Publisher {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 info!(host = %endpoint.host, port = endpoint.port, "connected to the MQTT broker");
                 shared.acks().connected(ack.session_present);
+                shared.connected.store(true, Ordering::SeqCst);
                 connected_tx.send_modify(|count| *count += 1);
             }
             Err(ConnectionError::ConnectionRefused(code)) => {
@@ -272,15 +277,11 @@ impl Publisher {
             }
         }
 
-        // A clean DISCONNECT: the driver ends once it has written it.
-        let disconnected = match tokio::time::timeout(DISCONNECT_TIMEOUT, client.disconnect()).await
-        {
-            Ok(Ok(())) => {
-                let mut driver = driver;
-                matches!(tokio::time::timeout(DISCONNECT_TIMEOUT, &mut driver.0).await, Ok(Ok(())))
-            }
-            _ => false,
-        };
+        // A clean DISCONNECT: the driver ends once it has written it. Without a connection there
+        // is nobody to say goodbye to; the broker sends the will when it notices.
+        let mut driver = driver;
+        let disconnected =
+            shared.connected.load(Ordering::SeqCst) && disconnect(&client, &mut driver.0).await;
 
         let acks = shared.acks().clone();
         let report = FlushReport {
@@ -315,6 +316,13 @@ impl Publisher {
         }
         Ok(report)
     }
+}
+
+/// Sends DISCONNECT and waits until the driver wrote it; false when either step timed out.
+async fn disconnect(client: &AsyncClient, driver: &mut JoinHandle<()>) -> bool {
+    let queued = tokio::time::timeout(DISCONNECT_TIMEOUT, client.disconnect()).await;
+    matches!(queued, Ok(Ok(())))
+        && matches!(tokio::time::timeout(DISCONNECT_TIMEOUT, driver).await, Ok(Ok(())))
 }
 
 /// Builds the client options; the only place they are built.
@@ -374,13 +382,20 @@ async fn drive(
         match eventloop.poll().await {
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
                 if backoff.failures() > 0 {
-                    info!(host = %host, port, failures = backoff.failures(), "reconnected to the MQTT broker");
+                    let failures = backoff.failures();
+                    info!(host = %host, port, failures, "reconnected to the MQTT broker");
                 }
                 backoff.reset();
                 let lost = shared.acks().connected(ack.session_present);
                 if lost > 0 {
-                    error!(host = %host, port, lost, "broker started a fresh session; in-flight messages were lost");
+                    error!(
+                        host = %host,
+                        port,
+                        lost,
+                        "broker started a fresh session; in-flight messages were lost"
+                    );
                 }
+                shared.connected.store(true, Ordering::SeqCst);
                 connected.send_modify(|count| *count += 1);
             }
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) => shared.acks().sent(pkid),
@@ -393,6 +408,7 @@ async fn drive(
             Ok(_) => {}
             Err(ConnectionError::RequestsDone) => return,
             Err(ConnectionError::ConnectionRefused(code)) => {
+                shared.connected.store(false, Ordering::SeqCst);
                 let delay = backoff.max();
                 error!(
                     host = %host,
@@ -404,6 +420,7 @@ async fn drive(
                 tokio::time::sleep(delay).await;
             }
             Err(error) => {
+                shared.connected.store(false, Ordering::SeqCst);
                 let delay = backoff.failed();
                 warn!(
                     host = %host,
@@ -440,26 +457,31 @@ impl Outlet {
         payload: Vec<u8>,
         stream: Option<&str>,
     ) -> Result<(), PublishError> {
-        let echo = self.shared.echo.then(|| String::from_utf8_lossy(&payload).into_owned());
+        let echo = self.shared.echo.then(|| echo_line(topic, &payload));
         self.client.publish(topic, qos, retain, payload).await.map_err(|source| {
             PublishError::Client {
                 host: self.endpoint.host.clone(),
                 port: self.endpoint.port,
                 topic: topic.to_string(),
-                source,
+                source: Box::new(source),
             }
         })?;
         // Counted only once handed over, so a cancelled hand-over is not awaited at shutdown.
         self.shared.acks().handed(qos != QoS::AtMostOnce);
         debug!(topic, stream = stream.unwrap_or(""), ?qos, retain, "published");
-        if let Some(payload) = echo {
+        if let Some(line) = echo {
             let mut stdout = std::io::stdout().lock();
-            if let Err(error) = writeln!(stdout, "{topic} {payload}") {
+            if let Err(error) = writeln!(stdout, "{line}") {
                 debug!(topic, error = %error, "cannot echo to standard output");
             }
         }
         Ok(())
     }
+}
+
+/// `mqtt.echo`'s line: the topic, a space, the payload (JSON is compact, so one line).
+fn echo_line(topic: &str, payload: &[u8]) -> String {
+    format!("{topic} {}", String::from_utf8_lossy(payload))
 }
 
 /// The single writer: `online` after each connection, then messages in arrival order.
@@ -483,12 +505,15 @@ async fn run_outbox(
                     connections_open = false;
                     continue;
                 }
-                let online = outlet.publish(&status, QoS::AtLeastOnce, true, b"online".to_vec(), None);
-                until_stopped(&mut stop, online).await
+                let online = b"online".to_vec();
+                let publish = outlet.publish(&status, QoS::AtLeastOnce, true, online, None);
+                until_stopped(&mut stop, publish).await
             }
             message = messages.recv() => match message {
                 None => return OutboxEnd::default(),
-                Some(message) => until_stopped(&mut stop, send(&outlet, &topics, qos, message)).await,
+                Some(message) => {
+                    until_stopped(&mut stop, send(&outlet, &topics, qos, message)).await
+                }
             },
         };
         match step {
@@ -569,8 +594,7 @@ mod tests {
 
     #[test]
     fn options_carry_the_retained_offline_will_and_no_clean_session() {
-        let mut settings = Settings::default();
-        settings.device_id = "box-1".into();
+        let mut settings = Settings { device_id: "box-1".into(), ..Settings::default() };
         settings.mqtt.username = Some("user".into());
         settings.mqtt.password = Some("secret".into());
         let topics = Topics::new(&settings.mqtt.prefix, &settings.device_id);
@@ -585,6 +609,12 @@ mod tests {
         assert!(!options.clean_session());
         assert_eq!(options.client_id(), "edgesight-box-1");
         assert!(options.credentials().is_some());
+    }
+
+    #[test]
+    fn echo_prints_topic_then_payload_on_one_line() {
+        let line = echo_line("edgesight/b/door/state", br#"{"label":"cat"}"#);
+        assert_eq!(line, r#"edgesight/b/door/state {"label":"cat"}"#);
     }
 
     #[test]
