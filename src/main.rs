@@ -219,9 +219,16 @@ fn model_command(command: ModelCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Logs go to stderr (stdout carries results). The embedded broker logs every client
+/// connection at INFO, so its target is held at WARN unless the filter names it.
 fn init_logging(default: &str) {
+    let default = if default.contains("rumqttd") {
+        default.to_string()
+    } else {
+        format!("{default},rumqttd=warn")
+    };
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(default))
+        .or_else(|_| EnvFilter::try_new(&default))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }
