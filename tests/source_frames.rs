@@ -368,3 +368,54 @@ fn every_corpus_image_gives_a_finite_tensor_or_a_clear_error() {
     let bomb = load_image(&corpus("img_bmp_bad_reallybig.bmp")).unwrap_err().to_string();
     assert!(bomb.contains("decompression bomb") || bomb.contains("large"), "{bomb}");
 }
+
+/// Timings for the report; run with `cargo test --test source_frames -- --ignored --nocapture`.
+/// The numbers depend on the build profile (the crate itself builds at opt-level 1 in `dev`).
+#[test]
+#[ignore = "prints timings, asserts nothing"]
+fn reports_timings() {
+    let preprocess =
+        Preprocess { size: 224, mean: [0.485, 0.456, 0.406], std: [0.229, 0.224, 0.225] };
+    let data: Vec<u8> = (0..1280 * 720 * 3).map(|index| (index % 251) as u8).collect();
+    let frame = edgesight::preprocess::Frame { width: 1280, height: 720, data };
+    let mut tensor = vec![0.0; 3 * 224 * 224];
+    preprocess.write_tensor(&frame, &mut tensor);
+    let rounds = 200;
+    let started = Instant::now();
+    for _ in 0..rounds {
+        preprocess.write_tensor(&frame, &mut tensor);
+    }
+    let per_call = started.elapsed().as_secs_f64() * 1e6 / f64::from(rounds);
+    println!("write_tensor 1280×720 → 224: {per_call:.0} µs");
+
+    let path = corpus("vid_vp8_vorbis_1280x720.webm");
+    let started = Instant::now();
+    let frames = read_video(&path, 1000.0).filter(|item| item.is_ok()).count();
+    let elapsed = started.elapsed().as_secs_f64();
+    println!("read_video 1280×720 VP8: {frames} frames in {elapsed:.3} s (with start-up)");
+
+    let mut settings = file_stream("vid_vp8_vorbis_1280x720.webm", 1000.0);
+    settings.looping = Some(true);
+    let (sender, events) = crossbeam_channel::bounded(4);
+    let handle = spawn(&settings, sender).unwrap();
+    let mut first = None;
+    let mut count = 0;
+    for event in events.iter() {
+        match event {
+            SourceEvent::Frame(_) => {
+                count += 1;
+                first.get_or_insert_with(Instant::now);
+                if count == 241 {
+                    handle.stop();
+                }
+            }
+            _ => break,
+        }
+    }
+    let elapsed = first.map_or(0.0, |first| first.elapsed().as_secs_f64());
+    println!(
+        "looping 1280×720 VP8: {:.1} frames/s decoded and copied",
+        (count - 1) as f64 / elapsed
+    );
+    handle.join();
+}

@@ -195,23 +195,29 @@ fn resample_normalise(
     let plane = size * size;
     let (red, rest) = out.split_at_mut(plane);
     let (green, blue) = rest.split_at_mut(plane);
-    let planes = [red, green, blue];
+    let rows_out = red.chunks_exact_mut(size).zip(green.chunks_exact_mut(size));
+    let rows_out = rows_out.zip(blue.chunks_exact_mut(size));
 
-    for (y, row) in rows.iter().enumerate() {
+    for (row, ((red, green), blue)) in rows.iter().zip(rows_out) {
         let upper = &frame.data[row.first * row_bytes..][..row_bytes];
         let lower = &frame.data[row.second * row_bytes..][..row_bytes];
-        for (x, column) in columns.iter().enumerate() {
+        let outputs = red.iter_mut().zip(green.iter_mut()).zip(blue.iter_mut());
+        for (column, ((red, green), blue)) in columns.iter().zip(outputs) {
             let (left, right) = (column.first * 3, column.second * 3);
+            let (top_left, top_right) = (&upper[left..left + 3], &upper[right..right + 3]);
+            let (bottom_left, bottom_right) = (&lower[left..left + 3], &lower[right..right + 3]);
+            let mut value = [0.0f32; 3];
             for channel in 0..3 {
-                let top_left = f32::from(upper[left + channel]);
-                let top_right = f32::from(upper[right + channel]);
-                let bottom_left = f32::from(lower[left + channel]);
-                let bottom_right = f32::from(lower[right + channel]);
-                let top = top_left + (top_right - top_left) * column.weight;
-                let bottom = bottom_left + (bottom_right - bottom_left) * column.weight;
-                let value = top + (bottom - top) * row.weight;
-                planes[channel][y * size + x] = value * scale[channel] + bias[channel];
+                let top_left = f32::from(top_left[channel]);
+                let bottom_left = f32::from(bottom_left[channel]);
+                let top = top_left + (f32::from(top_right[channel]) - top_left) * column.weight;
+                let bottom =
+                    bottom_left + (f32::from(bottom_right[channel]) - bottom_left) * column.weight;
+                value[channel] = top + (bottom - top) * row.weight;
             }
+            *red = value[0] * scale[0] + bias[0];
+            *green = value[1] * scale[1] + bias[1];
+            *blue = value[2] * scale[2] + bias[2];
         }
     }
 }
