@@ -17,6 +17,7 @@ mod runner;
 mod sampler;
 mod video;
 
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -35,7 +36,8 @@ pub struct SourceFrame {
     pub stream: Arc<str>,
     /// 0-based count of sampled frames of this stream.
     pub index: u64,
-    /// Stream position in milliseconds (the buffer's PTS), when known.
+    /// Stream position in milliseconds (the buffer's PTS in stream time, so an MP4 edit list
+    /// or a loop starts again at 0), when known.
     pub position_ms: Option<u64>,
     /// Wall-clock time the frame left the decoder.
     pub captured: SystemTime,
@@ -140,11 +142,21 @@ pub fn spawn(
     })?;
     let built = pipeline::build(settings, &stream)?;
     let stop = Arc::new(AtomicBool::new(false));
+    // Kept apart from the runner so that a panic (a bug) still ends the stream with an event.
+    let last_word = (Arc::clone(&stream), events.clone());
     let runner =
         runner::Runner::new(built, Arc::clone(&stream), sampler, Arc::clone(&stop), events);
     let thread = std::thread::Builder::new()
         .name(format!("source-{stream}"))
-        .spawn(move || runner.run())
+        .spawn(move || {
+            if std::panic::catch_unwind(AssertUnwindSafe(move || runner.run())).is_err() {
+                let (stream, events) = last_word;
+                tracing::error!(stream = %stream, "source thread panicked; the stream is lost");
+                let reason = "the source thread crashed (a bug in edgesight; see the log)".into();
+                let error = SourceError::Pipeline { stream: stream.to_string(), reason };
+                let _ = events.send(SourceEvent::Failed { stream, error });
+            }
+        })
         .map_err(|error| SourceError::Pipeline {
             stream: stream.to_string(),
             reason: format!("cannot start the source thread: {error}"),

@@ -74,6 +74,9 @@ fn build_file(settings: &StreamSettings, stream: &str) -> Result<Built, SourceEr
     let source = make("filesrc", stream)?;
     source.set_property("location", path.to_string_lossy().as_ref());
     let decode = make("decodebin", stream)?;
+    // TODO: interlaced video (DVB, DVD, analogue capture) arrives with combing, because no
+    // deinterlacer sits in the graph; a `deinterlace` element before `videoconvert` (it passes
+    // progressive video through) would retire this once its CPU cost is measured on ARM.
     let convert = make("videoconvert", stream)?;
     let flip = gst::ElementFactory::make("videoflip")
         .property_from_str("video-direction", "auto")

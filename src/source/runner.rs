@@ -27,6 +27,9 @@ use crate::preprocess::{Frame, pack_rows};
 /// bus are looked at again.
 const POLL: Duration = Duration::from_millis(100);
 
+/// GStreamer warnings logged at WARN per stream; later ones go to DEBUG.
+const LOUD_WARNINGS: u64 = 3;
+
 /// A file that ends this long before its declared duration, and before half of it, is reported
 /// as truncated.
 const TRUNCATION_SLACK_NS: u64 = 2_000_000_000;
@@ -50,6 +53,8 @@ pub(super) struct Runner {
     decoded_this_pass: u64,
     /// Stream time of the last decoded frame, nanoseconds.
     last_position_ns: Option<u64>,
+    /// GStreamer warnings seen so far.
+    warnings: u64,
 }
 
 /// Why the loop ended without an error.
@@ -83,6 +88,7 @@ impl Runner {
             sampled: 0,
             decoded_this_pass: 0,
             last_position_ns: None,
+            warnings: 0,
         }
     }
 
@@ -171,17 +177,27 @@ impl Runner {
     }
 
     /// Reads every pending bus message; an error (or the no-video message) becomes the stream's
-    /// error.
-    fn drain_bus(&self, bus: &gst::Bus) -> Result<(), SourceError> {
+    /// error. The first few warnings are logged at WARN, the rest at DEBUG: a damaged stream
+    /// can warn on every frame.
+    fn drain_bus(&mut self, bus: &gst::Bus) -> Result<(), SourceError> {
         while let Some(message) = bus.pop() {
             match message.view() {
                 gst::MessageView::Error(error) => return Err(self.describe_error(error)),
                 gst::MessageView::Warning(warning) => {
                     let source = warning.src().map(|source| source.name().to_string());
-                    tracing::warn!(
-                        stream = %self.stream, element = ?source, warning = %warning.error(),
-                        debug = ?warning.debug(), "GStreamer warning"
-                    );
+                    let (error, details) = (warning.error(), warning.debug());
+                    self.warnings += 1;
+                    if self.warnings <= LOUD_WARNINGS {
+                        tracing::warn!(
+                            stream = %self.stream, element = ?source, warning = %error,
+                            ?details, count = self.warnings, "GStreamer warning"
+                        );
+                    } else {
+                        tracing::debug!(
+                            stream = %self.stream, element = ?source, warning = %error,
+                            ?details, count = self.warnings, "GStreamer warning"
+                        );
+                    }
                 }
                 gst::MessageView::Application(application)
                     if application.structure().is_some_and(|s| s.name() == NO_VIDEO_MESSAGE) =>
