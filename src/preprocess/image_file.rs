@@ -122,8 +122,8 @@ mod tests {
     }
 
     #[test]
-    fn applies_exif_orientation_and_expands_grayscale() {
-        // A PNG written here has no EXIF; what matters is L8 → RGB8 and the size kept.
+    fn expands_grayscale_to_rgb() {
+        // EXIF orientation is checked against real photos in tests/source_frames.rs.
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("gray.png");
         let gray = image::GrayImage::from_fn(3, 2, |x, y| image::Luma([(x * 10 + y) as u8]));
