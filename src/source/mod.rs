@@ -1,11 +1,34 @@
 //! GStreamer sources: one pipeline per stream, frames handed off through a bounded channel.
 //!
-//! SKELETON: the shared types are fixed here; the bodies are filled in by the source work.
+//! [`spawn`] builds the pipeline for one `[[streams]]` entry and runs it on a thread of its
+//! own. That thread pulls decoded RGB frames from an `appsink`, lets the stream's [`Sampler`]
+//! pick the ones the fps cap allows (before any pixel is copied), packs their rows tightly and
+//! sends them to the engine as [`SourceEvent::Frame`]. Because the channel is bounded, a slow
+//! engine holds a file source back (no frame is lost), while a live source's `appsink` drops
+//! its stale frames. Every stream ends with exactly one [`SourceEvent::Ended`] or
+//! [`SourceEvent::Failed`], so the engine can count streams down without guessing.
+//!
+//! The pieces: `pipeline` builds the element graph per source kind, `runner` is the thread
+//! (pull, sample, copy, send, watch the bus), `sampler` is the pure fps logic, and `video`
+//! offers the same machinery as a plain iterator for the one-shot `classify` command.
 
-use std::sync::Arc;
+mod pipeline;
+mod runner;
+mod sampler;
+mod video;
+
+use std::panic::AssertUnwindSafe;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::JoinHandle;
 use std::time::SystemTime;
 
+use crate::config::StreamSettings;
 use crate::preprocess::Frame;
+
+pub use sampler::Sampler;
+pub use video::{VideoFrames, read_video};
 
 /// A sampled frame from a stream.
 #[derive(Debug)]
@@ -13,7 +36,8 @@ pub struct SourceFrame {
     pub stream: Arc<str>,
     /// 0-based count of sampled frames of this stream.
     pub index: u64,
-    /// Stream position in milliseconds (the buffer's PTS), when known.
+    /// Stream position in milliseconds (the buffer's PTS in stream time, so an MP4 edit list
+    /// or a loop starts again at 0), when known.
     pub position_ms: Option<u64>,
     /// Wall-clock time the frame left the decoder.
     pub captured: SystemTime,
@@ -25,13 +49,127 @@ pub struct SourceFrame {
 pub enum SourceEvent {
     Frame(SourceFrame),
     /// The stream ended normally (end of file, or `frames` reached).
-    Ended { stream: Arc<str> },
+    Ended {
+        stream: Arc<str>,
+    },
     /// The stream stopped on an error; other streams go on.
-    Failed { stream: Arc<str>, error: SourceError },
+    Failed {
+        stream: Arc<str>,
+        error: SourceError,
+    },
 }
 
+/// Why a stream could not start or stopped. Every message names the stream, and the file when
+/// there is one.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SourceError {
+    /// Anything else: a decoder or demuxer error, a missing GStreamer plugin, bad settings.
     #[error("stream {stream}: {reason}")]
     Pipeline { stream: String, reason: String },
+    /// The file stream's path does not exist (or is not a regular file).
+    #[error("stream {stream}: {}: no such file", path.display())]
+    NoSuchFile { stream: String, path: PathBuf },
+    /// The file has no video track (audio only, or only tracks nothing can decode).
+    #[error(
+        "stream {stream}: {}: no video stream in this file (audio or other tracks only)",
+        path.display()
+    )]
+    NoVideo { stream: String, path: PathBuf },
+}
+
+/// Controls one running source thread.
+///
+/// Dropping the handle asks the thread to stop but does not wait for it; call
+/// [`join`](Self::join) to wait.
+#[derive(Debug)]
+pub struct SourceHandle {
+    stream: Arc<str>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl SourceHandle {
+    /// The stream's name.
+    pub fn stream(&self) -> &Arc<str> {
+        &self.stream
+    }
+
+    /// Asks the source to stop. Within about 100 ms the thread tears the pipeline down and
+    /// sends [`SourceEvent::Ended`]. The receiver must keep taking events until then: the final
+    /// event is always delivered, so a full channel holds the thread until there is room (or
+    /// the receiver is dropped).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the thread has finished (its final event is sent).
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|thread| thread.is_finished())
+    }
+
+    /// Waits for the thread to finish.
+    pub fn join(mut self) {
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!(stream = %self.stream, "source thread panicked");
+        }
+    }
+}
+
+impl Drop for SourceHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Starts the source for one stream on its own thread; frames and the final event go to
+/// `events`.
+///
+/// Fails at once for settings no pipeline can run (an unknown kind, a `test` pattern
+/// GStreamer does not know, an fps that is not positive) or a missing GStreamer plugin.
+/// Problems with the input itself (a missing file, a file without video, a decoder error)
+/// arrive later as [`SourceEvent::Failed`].
+pub fn spawn(
+    settings: &StreamSettings,
+    events: crossbeam_channel::Sender<SourceEvent>,
+) -> Result<SourceHandle, SourceError> {
+    let stream: Arc<str> = Arc::from(settings.name.as_str());
+    init_gstreamer(&stream)?;
+    let sampler = Sampler::new(settings.fps()).ok_or_else(|| SourceError::Pipeline {
+        stream: stream.to_string(),
+        reason: format!("fps {} must be a positive number", settings.fps()),
+    })?;
+    let built = pipeline::build(settings, &stream)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    // Kept apart from the runner so that a panic (a bug) still ends the stream with an event.
+    let last_word = (Arc::clone(&stream), events.clone());
+    let runner =
+        runner::Runner::new(built, Arc::clone(&stream), sampler, Arc::clone(&stop), events);
+    let thread = std::thread::Builder::new()
+        .name(format!("source-{stream}"))
+        .spawn(move || {
+            if std::panic::catch_unwind(AssertUnwindSafe(move || runner.run())).is_err() {
+                let (stream, events) = last_word;
+                tracing::error!(stream = %stream, "source thread panicked; the stream is lost");
+                let reason = "the source thread crashed (a bug in edgesight; see the log)".into();
+                let error = SourceError::Pipeline { stream: stream.to_string(), reason };
+                let _ = events.send(SourceEvent::Failed { stream, error });
+            }
+        })
+        .map_err(|error| SourceError::Pipeline {
+            stream: stream.to_string(),
+            reason: format!("cannot start the source thread: {error}"),
+        })?;
+    Ok(SourceHandle { stream, stop, thread: Some(thread) })
+}
+
+/// Initialises GStreamer once per process; later calls return the first outcome.
+fn init_gstreamer(stream: &str) -> Result<(), SourceError> {
+    static INIT: OnceLock<Result<(), String>> = OnceLock::new();
+    let outcome = INIT.get_or_init(|| gstreamer::init().map_err(|error| error.to_string()));
+    outcome.clone().map_err(|reason| SourceError::Pipeline {
+        stream: stream.to_string(),
+        reason: format!("GStreamer cannot start: {reason}"),
+    })
 }

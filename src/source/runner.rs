@@ -1,0 +1,412 @@
+//! The source thread: runs one pipeline, turns its samples into events, reports how it ended.
+//!
+//! The thread pulls samples from the `appsink` with a short timeout instead of using the
+//! `new-sample` callback, so the only code on GStreamer's streaming threads is pad linking, and
+//! a blocked hand-off (a full channel) never stalls a streaming thread in an unknown state.
+//! Between pulls it reads the pipeline's bus, which carries errors, warnings and the graph's
+//! own "no video" message, and it checks the stop flag. Whatever happens, [`Runner::run`] sets
+//! the pipeline to `Null` and sends exactly one final event.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam_channel::{SendTimeoutError, Sender};
+use gstreamer as gst;
+use gstreamer::prelude::*;
+use gstreamer_app as gst_app;
+use gstreamer_video as gst_video;
+use gstreamer_video::prelude::*;
+
+use super::pipeline::{Built, Input, NO_VIDEO_MESSAGE};
+use super::{Sampler, SourceError, SourceEvent, SourceFrame};
+use crate::preprocess::{Frame, pack_rows};
+
+/// How long one wait (for a sample, for room in the channel) lasts before the stop flag and the
+/// bus are looked at again.
+const POLL: Duration = Duration::from_millis(100);
+
+/// GStreamer warnings logged at WARN per stream; later ones go to DEBUG.
+const LOUD_WARNINGS: u64 = 3;
+
+/// A file that ends this long before its declared duration, and before half of it, is reported
+/// as truncated.
+const TRUNCATION_SLACK_NS: u64 = 2_000_000_000;
+
+pub(super) struct Runner {
+    pipeline: gst::Pipeline,
+    sink: gst_app::AppSink,
+    input: Input,
+    live: bool,
+    stream: Arc<str>,
+    sampler: Sampler,
+    stop: Arc<AtomicBool>,
+    events: Sender<SourceEvent>,
+    /// The caps of the last mapped frame and their layout, reused while the caps stay.
+    layout: Option<(gst::Caps, gst_video::VideoInfo)>,
+    started: Instant,
+    /// Frames decoded (sampled or not) and sampled, since the start.
+    decoded: u64,
+    sampled: u64,
+    /// Frames decoded since the last (re)start of a looping file.
+    decoded_this_pass: u64,
+    /// Stream time of the last decoded frame, nanoseconds.
+    last_position_ns: Option<u64>,
+    /// GStreamer warnings seen so far.
+    warnings: u64,
+}
+
+/// Why the loop ended without an error.
+enum Halt {
+    /// Asked to stop, or the receiver went away.
+    Stopped,
+    /// The input ended.
+    Finished,
+}
+
+impl Runner {
+    pub(super) fn new(
+        built: Built,
+        stream: Arc<str>,
+        sampler: Sampler,
+        stop: Arc<AtomicBool>,
+        events: Sender<SourceEvent>,
+    ) -> Runner {
+        Runner {
+            pipeline: built.pipeline,
+            sink: built.sink,
+            input: built.input,
+            live: built.live,
+            stream,
+            sampler,
+            stop,
+            events,
+            layout: None,
+            started: Instant::now(),
+            decoded: 0,
+            sampled: 0,
+            decoded_this_pass: 0,
+            last_position_ns: None,
+            warnings: 0,
+        }
+    }
+
+    /// Runs the pipeline to its end and sends the final event.
+    pub(super) fn run(mut self) {
+        let path = self.path().map(|path| path.display().to_string());
+        tracing::info!(stream = %self.stream, path = ?path, live = self.live, "source starting");
+        let outcome = self.play();
+        if let Err(failure) = self.pipeline.set_state(gst::State::Null) {
+            tracing::warn!(stream = %self.stream, %failure, "cannot stop the pipeline cleanly");
+        }
+        let stream = Arc::clone(&self.stream);
+        let event = match outcome {
+            Ok(halt) => {
+                let reason = if matches!(halt, Halt::Stopped) { "stopped" } else { "finished" };
+                tracing::info!(
+                    stream = %stream, decoded = self.decoded, sampled = self.sampled, reason,
+                    "source ended"
+                );
+                SourceEvent::Ended { stream }
+            }
+            Err(error) => {
+                tracing::warn!(
+                    stream = %stream, decoded = self.decoded, sampled = self.sampled, %error,
+                    "source failed"
+                );
+                SourceEvent::Failed { stream, error }
+            }
+        };
+        // The final event is always delivered; a dropped receiver is the only excuse.
+        let _ = self.events.send(event);
+    }
+
+    fn path(&self) -> Option<&Path> {
+        match &self.input {
+            Input::File { path, .. } => Some(path),
+            Input::Test => None,
+        }
+    }
+
+    fn play(&mut self) -> Result<Halt, SourceError> {
+        if let Some(path) = self.path()
+            && !path.is_file()
+        {
+            return Err(SourceError::NoSuchFile {
+                stream: self.stream.to_string(),
+                path: path.to_path_buf(),
+            });
+        }
+        let bus =
+            self.pipeline.bus().ok_or_else(|| self.failure("the pipeline has no bus".into()))?;
+        if self.pipeline.set_state(gst::State::Playing).is_err() {
+            // The reason is on the bus; without one, say what is known.
+            return Err(self.drain_bus(&bus).err().unwrap_or_else(|| {
+                self.failure("GStreamer refused to start the pipeline".into())
+            }));
+        }
+        loop {
+            if self.stop.load(Ordering::Relaxed) {
+                return Ok(Halt::Stopped);
+            }
+            if let Err(error) = self.drain_bus(&bus) {
+                // Hand over what was decoded before the error, then report it.
+                while let Some(sample) = self.sink.try_pull_sample(gst::ClockTime::ZERO) {
+                    if let Some(halt) = self.handle(&sample)? {
+                        return Ok(halt);
+                    }
+                }
+                return Err(error);
+            }
+            match self.sink.try_pull_sample(gst::ClockTime::from_nseconds(POLL.as_nanos() as u64)) {
+                Some(sample) => {
+                    if let Some(halt) = self.handle(&sample)? {
+                        return Ok(halt);
+                    }
+                }
+                None if self.sink.is_eos() => {
+                    self.drain_bus(&bus)?;
+                    if !self.restart_at_end()? {
+                        return self.finish();
+                    }
+                }
+                None => {}
+            }
+        }
+    }
+
+    /// Reads every pending bus message; an error (or the no-video message) becomes the stream's
+    /// error. The first few warnings are logged at WARN, the rest at DEBUG: a damaged stream
+    /// can warn on every frame.
+    fn drain_bus(&mut self, bus: &gst::Bus) -> Result<(), SourceError> {
+        while let Some(message) = bus.pop() {
+            match message.view() {
+                gst::MessageView::Error(error) => return Err(self.describe_error(error)),
+                gst::MessageView::Warning(warning) => {
+                    let source = warning.src().map(|source| source.name().to_string());
+                    let (error, details) = (warning.error(), warning.debug());
+                    self.warnings += 1;
+                    if self.warnings <= LOUD_WARNINGS {
+                        tracing::warn!(
+                            stream = %self.stream, element = ?source, warning = %error,
+                            ?details, count = self.warnings, "GStreamer warning"
+                        );
+                    } else {
+                        tracing::debug!(
+                            stream = %self.stream, element = ?source, warning = %error,
+                            ?details, count = self.warnings, "GStreamer warning"
+                        );
+                    }
+                }
+                gst::MessageView::Application(application)
+                    if application.structure().is_some_and(|s| s.name() == NO_VIDEO_MESSAGE) =>
+                {
+                    return Err(self.no_video());
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// At the end of a looping file that produced frames, seeks back to the start.
+    fn restart_at_end(&mut self) -> Result<bool, SourceError> {
+        let Input::File { looping: true, .. } = self.input else {
+            return Ok(false);
+        };
+        if self.decoded_this_pass == 0 {
+            return Ok(false);
+        }
+        let flags = gst::SeekFlags::FLUSH | gst::SeekFlags::KEY_UNIT;
+        self.pipeline
+            .seek_simple(flags, gst::ClockTime::ZERO)
+            .map_err(|_| self.failure("cannot seek back to the start to loop".into()))?;
+        tracing::debug!(stream = %self.stream, "looping to the start");
+        self.sampler.reset();
+        self.decoded_this_pass = 0;
+        Ok(true)
+    }
+
+    /// The end of the input: fine, unless nothing was decoded or a file stopped far short of
+    /// the duration its header declares.
+    fn finish(&self) -> Result<Halt, SourceError> {
+        let Input::File { path, .. } = &self.input else {
+            return Ok(Halt::Finished);
+        };
+        if self.decoded == 0 {
+            return Err(self.failure(format!(
+                "{}: the file ended before a single video frame could be decoded",
+                path.display()
+            )));
+        }
+        let duration = self.pipeline.query_duration::<gst::ClockTime>().map(|d| d.nseconds());
+        if let (Some(duration), Some(reached)) = (duration, self.last_position_ns)
+            && reached.saturating_add(TRUNCATION_SLACK_NS) < duration
+            && reached < duration / 2
+        {
+            return Err(self.failure(format!(
+                "{}: the video stops at {:.1} s of the {:.1} s the file declares; the file is \
+                 probably truncated ({} frames decoded)",
+                path.display(),
+                reached as f64 / 1e9,
+                duration as f64 / 1e9,
+                self.decoded
+            )));
+        }
+        Ok(Halt::Finished)
+    }
+
+    /// Samples one decoded frame; when it is taken, copies it out and sends it.
+    fn handle(&mut self, sample: &gst::Sample) -> Result<Option<Halt>, SourceError> {
+        let arrival_ns = self.started.elapsed().as_nanos() as u64;
+        let Some(buffer) = sample.buffer() else {
+            return Ok(None);
+        };
+        self.decoded += 1;
+        self.decoded_this_pass += 1;
+        let position_ns = stream_time(sample, buffer);
+        if position_ns.is_some() {
+            self.last_position_ns = position_ns;
+        }
+        if !self.sampler.admit(position_ns, arrival_ns) {
+            return Ok(None);
+        }
+        let captured = SystemTime::now();
+        let frame = self.copy_frame(sample, buffer)?;
+        tracing::trace!(stream = %self.stream, index = self.sampled, ?position_ns, "frame sampled");
+        let event = SourceEvent::Frame(SourceFrame {
+            stream: Arc::clone(&self.stream),
+            index: self.sampled,
+            position_ms: position_ns.map(|ns| ns / 1_000_000),
+            captured,
+            frame,
+        });
+        self.sampled += 1;
+        Ok(self.send(event))
+    }
+
+    /// Copies the RGB picture out of `buffer` with tight rows. GStreamer pads each RGB row to
+    /// a multiple of 4 bytes; the mapped frame's stride says by how much.
+    ///
+    /// The pixel aspect ratio is not applied: a frame with non-square pixels (PAR 2:1, or
+    /// anamorphic DVD video at 32:27) comes out at its stored size, so the picture is
+    /// stretched or squeezed. Resampling it here would cost a full-frame resize per frame.
+    fn copy_frame(
+        &mut self,
+        sample: &gst::Sample,
+        buffer: &gst::BufferRef,
+    ) -> Result<Frame, SourceError> {
+        let caps =
+            sample.caps_owned().ok_or_else(|| self.failure("a frame came without caps".into()))?;
+        let cached = self.layout.as_ref().is_some_and(|(known, _)| *known == caps);
+        if !cached {
+            let info = gst_video::VideoInfo::from_caps(&caps).map_err(|error| {
+                self.failure(format!("unreadable frame format {caps}: {error}"))
+            })?;
+            let par = info.par();
+            if par.numer() != par.denom() {
+                tracing::debug!(stream = %self.stream, %par, "non-square pixels are not corrected");
+            }
+            self.layout = Some((caps, info));
+        }
+        let Some((_, info)) = &self.layout else {
+            return Err(self.failure("no frame layout".into()));
+        };
+        let mapped = gst_video::VideoFrameRef::from_buffer_ref_readable(buffer, info)
+            .map_err(|error| self.failure(format!("cannot map a frame: {error}")))?;
+        let (width, height) = (mapped.width(), mapped.height());
+        let stride = usize::try_from(mapped.plane_stride()[0]).unwrap_or(0);
+        let data = mapped
+            .plane_data(0)
+            .map_err(|error| self.failure(format!("cannot read a frame: {error}")))?;
+        let packed = pack_rows(data, width, height, stride).ok_or_else(|| {
+            self.failure(format!(
+                "a {width}×{height} frame has {} bytes with stride {stride}",
+                data.len()
+            ))
+        })?;
+        Ok(Frame { width, height, data: packed })
+    }
+
+    /// Sends an event, waiting while the channel is full; `Some` when the stream should halt.
+    fn send(&self, mut event: SourceEvent) -> Option<Halt> {
+        loop {
+            match self.events.send_timeout(event, POLL) {
+                Ok(()) => return None,
+                Err(SendTimeoutError::Timeout(returned)) => {
+                    if self.stop.load(Ordering::Relaxed) {
+                        return Some(Halt::Stopped);
+                    }
+                    event = returned;
+                }
+                Err(SendTimeoutError::Disconnected(_)) => {
+                    tracing::debug!(stream = %self.stream, "nobody takes frames any more");
+                    return Some(Halt::Stopped);
+                }
+            }
+        }
+    }
+
+    fn failure(&self, reason: String) -> SourceError {
+        SourceError::Pipeline { stream: self.stream.to_string(), reason }
+    }
+
+    fn no_video(&self) -> SourceError {
+        let path = self.path().map(Path::to_path_buf).unwrap_or_default();
+        SourceError::NoVideo { stream: self.stream.to_string(), path }
+    }
+
+    /// Words for a GStreamer error message: what failed, in which element, for which file.
+    fn describe_error(&self, message: &gst::message::Error) -> SourceError {
+        let error = message.error();
+        let details = message.debug().map(|debug| debug.to_string()).unwrap_or_default();
+        let element = message.src().map(|source| source.name().to_string()).unwrap_or_default();
+        tracing::debug!(stream = %self.stream, %element, %error, %details, "GStreamer error");
+        let video_linked = match &self.input {
+            Input::File { video_linked, .. } => video_linked.load(Ordering::SeqCst),
+            Input::Test => true,
+        };
+        if !video_linked && details.contains("not-linked") {
+            return self.no_video();
+        }
+        let place = self.path().map_or_else(String::new, |path| format!("{}: ", path.display()));
+        if error.matches(gst::ResourceError::NotFound)
+            && let Some(path) = self.path()
+        {
+            return SourceError::NoSuchFile {
+                stream: self.stream.to_string(),
+                path: path.to_path_buf(),
+            };
+        }
+        let what = if error.matches(gst::StreamError::TypeNotFound)
+            || error.matches(gst::StreamError::WrongType)
+        {
+            "not a media file GStreamer recognises"
+        } else if error.matches(gst::CoreError::MissingPlugin)
+            || error.matches(gst::StreamError::CodecNotFound)
+        {
+            "no decoder is installed for this format"
+        } else if error.matches(gst::StreamError::Decode) || error.matches(gst::StreamError::Demux)
+        {
+            "the file is corrupt or truncated"
+        } else if error.matches(gst::ResourceError::Read) {
+            "the file cannot be read"
+        } else {
+            "decoding failed"
+        };
+        self.failure(format!(
+            "{place}{what} after {} decoded frames ({element}: {error})",
+            self.decoded
+        ))
+    }
+}
+
+/// The buffer's position in stream time, nanoseconds: its PTS mapped through the sample's
+/// segment (so an MP4 edit list or a seek does not shift it), or the raw PTS.
+fn stream_time(sample: &gst::Sample, buffer: &gst::BufferRef) -> Option<u64> {
+    let pts = buffer.pts()?;
+    let segment = sample.segment().and_then(|segment| segment.downcast_ref::<gst::ClockTime>());
+    let mapped = segment.and_then(|segment| segment.to_stream_time(pts));
+    Some(mapped.unwrap_or(pts).nseconds())
+}
