@@ -8,6 +8,8 @@
 //! so each must give the feature map of the bundle layout (a), and the cut must land on the
 //! 2048-channel map.
 
+#![cfg(feature = "tract")]
+
 mod common;
 
 use std::path::Path;

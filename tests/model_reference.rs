@@ -10,6 +10,8 @@
 //! Error measure: max |tract − ort| / max |ort| over the whole tensor (see
 //! `common::relative_error`), required ≤ 1e-4.
 
+#![cfg(feature = "tract")]
+
 mod common;
 
 use std::path::Path;

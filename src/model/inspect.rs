@@ -132,6 +132,9 @@ fn infer(
     match node.op_type.as_str() {
         "Conv" => {
             let w = shapes.get(1)?;
+            if w.len() < 3 || x.len() != w.len() {
+                return None;
+            }
             let spatial = window_output(node, x, &w[2..])?;
             let mut out = vec![x[0], w[0]];
             out.extend(&spatial);
@@ -139,14 +142,14 @@ fn infer(
             let params = numel(w) + shapes.get(2).map_or(0, |b| numel(b));
             Some((out, macs, params))
         }
-        "MaxPool" | "AveragePool" => {
+        "MaxPool" | "AveragePool" if x.len() > 2 => {
             let kernel: Vec<usize> =
                 node_ints(node, "kernel_shape")?.iter().map(|&k| k as usize).collect();
             let mut out = x[..2].to_vec();
             out.extend(window_output(node, x, &kernel)?);
             Some((out, 0, 0))
         }
-        "GlobalAveragePool" | "GlobalMaxPool" => {
+        "GlobalAveragePool" | "GlobalMaxPool" if x.len() > 2 => {
             let mut out = x[..2].to_vec();
             out.extend(std::iter::repeat_n(1, x.len().saturating_sub(2)));
             Some((out, 0, 0))
@@ -171,7 +174,10 @@ fn infer(
             let axes = node_ints(node, "axes")?;
             let keep = node_int(node, "keepdims").unwrap_or(1) != 0;
             let rank = x.len() as i64;
-            let axes: Vec<usize> = axes.iter().map(|&a| ((a + rank) % rank) as usize).collect();
+            if rank == 0 {
+                return None;
+            }
+            let axes: Vec<usize> = axes.iter().map(|&a| a.rem_euclid(rank) as usize).collect();
             let out = (0..x.len())
                 .filter_map(|i| match (axes.contains(&i), keep) {
                     (true, true) => Some(1),
@@ -212,12 +218,15 @@ fn window_output(node: &NodeProto, x: &[usize], kernel: &[usize]) -> Option<Vec<
     let ceil = node_int(node, "ceil_mode") == Some(1);
     (0..rank)
         .map(|i| {
-            let stride = *strides.get(i)? as usize;
+            let stride = (*strides.get(i)?).max(0) as usize;
+            if stride == 0 {
+                return None;
+            }
             if same {
                 return Some(spatial[i].div_ceil(stride));
             }
-            let span = (*dilations.get(i)? as usize) * kernel[i].saturating_sub(1) + 1;
-            let padded = spatial[i] + (pads.get(i)? + pads.get(i + rank)?) as usize;
+            let span = ((*dilations.get(i)?).max(1) as usize) * kernel[i].saturating_sub(1) + 1;
+            let padded = spatial[i] + (pads.get(i)? + pads.get(i + rank)?).max(0) as usize;
             let room = padded.checked_sub(span)?;
             Some(if ceil { room.div_ceil(stride) } else { room / stride } + 1)
         })
@@ -228,8 +237,9 @@ fn broadcast(shapes: &[&Vec<usize>]) -> Option<Vec<usize>> {
     let rank = shapes.iter().map(|s| s.len()).max()?;
     (0..rank)
         .map(|i| {
-            let dims = shapes.iter().filter_map(|s| (i + s.len()).checked_sub(rank).map(|j| s[j]));
-            dims.fold(Some(1), |acc, d| match acc? {
+            let mut dims =
+                shapes.iter().filter_map(|s| (i + s.len()).checked_sub(rank).map(|j| s[j]));
+            dims.try_fold(1, |acc, d| match acc {
                 1 => Some(d),
                 a if d == 1 || d == a => Some(a),
                 _ => None,
