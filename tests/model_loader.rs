@@ -311,5 +311,24 @@ fn measure_backbone_latency() {
             "{size}px, {threads} thread(s): load {:.0} ms, backbone {per_frame:.1} ms/frame",
             load.as_secs_f64() * 1e3
         );
+        let started = std::time::Instant::now();
+        let bundle = Bundle::open(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let opened = started.elapsed();
+        let mut backend = open_backend(&bundle, threads).unwrap_or_else(|e| panic!("{e}"));
+        let loaded = started.elapsed();
+        backend.infer(&input, 1).unwrap_or_else(|e| panic!("{e}"));
+        let (mut backbone_total, mut head_total) = (0.0, 0.0);
+        for _ in 0..runs {
+            let (_, times) = backend.infer(&input, 1).unwrap_or_else(|e| panic!("{e}"));
+            backbone_total += times.backbone.as_secs_f64() * 1e3;
+            head_total += times.head.as_secs_f64() * 1e3;
+        }
+        eprintln!(
+            "  bundle open {:.0} ms, backend load {:.0} ms; infer: backbone {:.1} ms, head {:.1} ms",
+            opened.as_secs_f64() * 1e3,
+            (loaded - opened).as_secs_f64() * 1e3,
+            backbone_total / runs as f64,
+            head_total / runs as f64
+        );
     }
 }
