@@ -1,9 +1,48 @@
 //! Model bundles on disk, the project's ONNX writer, and the inference backends.
 //!
-//! SKELETON: the shared types are fixed here; the bodies are filled in by the model work.
+//! A frame goes through three stages: a ResNet-50 trunk (`backbone.onnx`, any export a user
+//! has, cut at its 2048-channel feature map), a PCA projection (`pca.safetensors`, folded into a
+//! 1×1 convolution) and a small CNN head (`head.onnx`). [`Bundle::open`] checks the files,
+//! [`open_backend`] loads them behind the [`Backend`] trait that the engine calls, and
+//! [`synth::write_bundle`] makes a seeded, architecture-exact bundle for tests and benchmarks,
+//! because pretrained weights cannot be downloaded where we build.
+//!
+//! Files: `bundle` (manifest and checks), `onnx` (writer), `resnet` (the synthetic trunk),
+//! `pca`, `head`, `backbone` (where to cut a user's graph), `tract_backend`, `inspect`
+//! (shapes, parameters, FLOPs), `synth` (bundle writer), `prng` (the weight generator).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+pub mod bundle;
+pub mod pca;
+pub mod prng;
+
+#[cfg(feature = "tract")]
+pub mod backbone;
+#[cfg(feature = "tract")]
+pub mod head;
+#[cfg(feature = "tract")]
+mod inspect;
+#[cfg(feature = "tract")]
+pub mod onnx;
+#[cfg(feature = "tract")]
+pub mod resnet;
+#[cfg(feature = "tract")]
+pub mod synth;
+#[cfg(feature = "tract")]
+pub mod tract_backend;
+
+pub use bundle::Manifest;
+#[cfg(feature = "tract")]
+pub use inspect::{GraphCost, NodeCost, graph_cost, inspect};
+#[cfg(feature = "tract")]
+pub use synth::{SynthOptions, VariantOptions};
+#[cfg(feature = "tract")]
+pub use tract_backend::{TractBackbone, TractBackend};
+
+/// Channels of a ResNet-50 feature map, the input of the PCA stage.
+pub const FEATURE_CHANNELS: usize = 2048;
 
 /// The outcome of one frame through backbone → PCA → head.
 #[derive(Debug, Clone)]
@@ -24,10 +63,18 @@ pub struct StageTimes {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
+    /// A file of a bundle (or the bundle directory) is missing, damaged or inconsistent.
     #[error("{path}: {reason}")]
     Bundle { path: PathBuf, reason: String },
     #[error("inference failed: {0}")]
     Inference(String),
+}
+
+impl ModelError {
+    /// A [`ModelError::Bundle`] naming `path`.
+    pub fn bundle(path: &Path, reason: impl std::fmt::Display) -> ModelError {
+        ModelError::Bundle { path: path.to_path_buf(), reason: reason.to_string() }
+    }
 }
 
 /// Name, version and checksum that every payload carries.
@@ -39,7 +86,7 @@ pub struct ModelIdentity {
     pub checksum: String,
 }
 
-/// A bundle directory, opened and checked.
+/// A bundle directory, opened and checked (see [`Bundle::open`] in `bundle.rs`).
 #[derive(Debug, Clone)]
 pub struct Bundle {
     pub dir: PathBuf,
@@ -48,18 +95,125 @@ pub struct Bundle {
     pub input_size: u32,
     pub mean: [f32; 3],
     pub std: [f32; 3],
+    /// k, the number of PCA components.
     pub components: usize,
-}
-
-impl Bundle {
-    pub fn open(dir: &Path) -> Result<Bundle, ModelError> {
-        let _ = dir;
-        unimplemented!("filled by the model work")
-    }
+    /// The parsed manifest (file checksums, `backbone_output`, metrics).
+    pub manifest: Manifest,
 }
 
 /// An inference backend: a batch of CHW f32 frames in, one [`Prediction`] per frame out.
 pub trait Backend: Send {
     /// `input` holds `n` frames of `3 * S * S` values each.
-    fn infer(&mut self, input: &[f32], n: usize) -> Result<(Vec<Prediction>, StageTimes), ModelError>;
+    fn infer(
+        &mut self,
+        input: &[f32],
+        n: usize,
+    ) -> Result<(Vec<Prediction>, StageTimes), ModelError>;
+}
+
+/// Numerically stable softmax (subtracts the maximum first). An empty slice gives an empty
+/// vector; non-finite logits give NaN scores rather than a panic.
+pub fn softmax(logits: &[f32]) -> Vec<f32> {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let exps: Vec<f32> = logits.iter().map(|l| (l - max).exp()).collect();
+    let sum: f32 = exps.iter().sum();
+    exps.into_iter().map(|e| e / sum).collect()
+}
+
+/// Loads the bundle's models with tract. `threads` is the number of threads tract's matrix
+/// products use: 0 means all cores, 1 single-threaded. The thread pool is process-wide (tract
+/// keeps one default executor), so the last call decides.
+#[cfg(feature = "tract")]
+pub fn open_backend(bundle: &Bundle, threads: usize) -> Result<Box<dyn Backend>, ModelError> {
+    set_tract_threads(threads);
+    Ok(Box::new(TractBackend::open(bundle)?))
+}
+
+/// Sets the process-wide thread count of tract's matrix products (0 = all cores); returns the
+/// count in effect.
+#[cfg(feature = "tract")]
+pub fn set_tract_threads(threads: usize) -> usize {
+    use tract_linalg::multithread::{Executor, set_default_executor};
+    let threads = match threads {
+        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        n => n,
+    };
+    let executor =
+        if threads > 1 { Executor::multithread(threads) } else { Executor::SingleThread };
+    set_default_executor(executor);
+    threads
+}
+
+/// Without the `tract` feature there is no backend yet (the torch backend is a later issue).
+#[cfg(not(feature = "tract"))]
+pub fn open_backend(bundle: &Bundle, threads: usize) -> Result<Box<dyn Backend>, ModelError> {
+    let _ = threads;
+    Err(ModelError::bundle(&bundle.dir, "this build has no inference backend (feature `tract`)"))
+}
+
+/// Opens the bundle in `dir` and runs one deterministic frame through it (single-threaded);
+/// returns a one-paragraph summary: identity, top label and score, stage times.
+#[cfg(feature = "tract")]
+pub fn verify(dir: &Path) -> Result<String, ModelError> {
+    let opened = std::time::Instant::now();
+    let bundle = Bundle::open(dir)?;
+    let mut backend = TractBackend::open(&bundle)?;
+    let load = opened.elapsed();
+    let s = bundle.input_size as usize;
+    // A smooth deterministic pattern in the normalised range, the same on every machine.
+    let input: Vec<f32> =
+        (0..3 * s * s).map(|i| ((i % 97) as f32 / 48.0 - 1.0) * (1.0 + (i % 3) as f32)).collect();
+    let (predictions, times) = backend.infer(&input, 1)?;
+    let Some(prediction) = predictions.first() else {
+        return Err(ModelError::Inference("no prediction for the test frame".to_string()));
+    };
+    let scores_ok = prediction.scores.iter().all(|s| s.is_finite())
+        && (prediction.scores.iter().sum::<f32>() - 1.0).abs() < 1e-3;
+    let embedding_ok = prediction.embedding.iter().all(|v| v.is_finite());
+    if !(scores_ok && embedding_ok) {
+        return Err(ModelError::Inference(format!(
+            "{}: the test frame gave non-finite or unnormalised outputs",
+            dir.display()
+        )));
+    }
+    let (top, score) = prediction
+        .scores
+        .iter()
+        .enumerate()
+        .fold((0, f32::MIN), |best, (i, &s)| if s > best.1 { (i, s) } else { best });
+    Ok(format!(
+        "{} {} (checksum {}): ok; {} labels, k = {}, input {s}x{s}; test frame -> `{}` {:.3}; \
+         load {:.0} ms, backbone {:.1} ms, head {:.1} ms",
+        bundle.identity.name,
+        bundle.identity.version,
+        &bundle.identity.checksum[..12.min(bundle.identity.checksum.len())],
+        bundle.labels.len(),
+        bundle.components,
+        bundle.labels.get(top).map_or("?", String::as_str),
+        score,
+        load.as_secs_f64() * 1e3,
+        times.backbone.as_secs_f64() * 1e3,
+        times.head.as_secs_f64() * 1e3,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn softmax_sums_to_one_and_keeps_order() {
+        let scores = softmax(&[1.0, 2.0, 3.0]);
+        assert!((scores.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!(scores[0] < scores[1] && scores[1] < scores[2]);
+        // e^1 / (e^1 + e^2 + e^3)
+        assert!((scores[0] - 0.090_030_57).abs() < 1e-6);
+    }
+
+    #[test]
+    fn softmax_does_not_overflow_on_large_logits() {
+        let scores = softmax(&[1000.0, 1000.0]);
+        assert_eq!(scores, vec![0.5, 0.5]);
+        assert!(softmax(&[]).is_empty());
+    }
 }

@@ -1,11 +1,19 @@
-//! Helpers shared by the integration tests: a private Mosquitto ([`mosquitto`]) and an MQTT
-//! subscriber that records what arrives, so a test can assert on topics, payloads and the
-//! retain flag.
+//! Helpers shared by the integration tests: a private Mosquitto ([`mosquitto`]), an MQTT
+//! subscriber that records what arrives (so a test can assert on topics, payloads and the
+//! retain flag), and synthetic model bundles.
+//!
+//! A ResNet-50 bundle is about 100 MB and takes a few seconds to write, so each test binary
+//! writes it once (into a directory under the system temp dir keyed by seed and size; the
+//! writer replaces it atomically) and the tests share it read-only. Tests that damage a bundle
+//! work on a copy made of hard links, except for the file they damage.
 
 #![allow(dead_code)]
 
 pub mod bundle;
+pub mod model;
 pub mod mosquitto;
+
+pub use model::*;
 
 use std::time::Duration;
 
