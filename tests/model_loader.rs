@@ -112,6 +112,7 @@ fn fixed_batch_one_runs_frame_by_frame() {
         let frame = 3 * (SIZE as usize).pow(2);
         let input = test_input(SIZE, 2);
         let second = backbone.features(&input[frame..], 1).unwrap_or_else(|e| panic!("{e}"));
+        let _ = std::fs::remove_dir_all(&dir);
         (second, (), ())
     };
     assert!(relative_error(&features[per_frame..], &second_alone) < 1e-6);
@@ -155,6 +156,7 @@ fn a_graph_without_a_2048_channel_map_is_refused_naming_the_file() {
     let bytes = edgesight::model::onnx::encode(&writer.finish(17));
     std::fs::write(&path, bytes).unwrap_or_else(|e| panic!("{e}"));
     let message = assert_refused(&path, SIZE);
+    let _ = std::fs::remove_dir_all(&dir);
     assert!(message.contains("2048") && message.contains("act"), "{message}");
 }
 
@@ -257,6 +259,7 @@ fn verify_and_inspect_describe_the_bundle() {
     assert!(summary.contains("synth-resnet50") && summary.contains("ok"), "{summary}");
     let bundle = Bundle::open(&dir).unwrap_or_else(|e| panic!("{e}"));
     let report = inspect(&bundle).unwrap_or_else(|e| panic!("{e}"));
+    eprintln!("{summary}\n{report}");
     for needle in ["layer4", "GFLOPs", "k = 200", "class-9", "[1, 2048, 2, 2]"] {
         assert!(report.contains(needle), "`{needle}` missing from\n{report}");
     }

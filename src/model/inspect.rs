@@ -302,12 +302,14 @@ pub fn inspect(bundle: &Bundle) -> Result<String, ModelError> {
         cut.rule,
         features
     );
+    // Parameters count every initializer a stage reads, batch-norm running statistics included.
     let _ = writeln!(out, "  {:<8} {:>12} {:>10}", "stage", "params", "GFLOPs");
     for (stage, params, macs) in trunk.by_stage() {
         let _ = writeln!(out, "  {stage:<8} {params:>12} {:>10.3}", gflops(macs));
     }
     let (trunk_params, trunk_macs) = (trunk.total_params(), trunk.total_macs());
     let _ = writeln!(out, "  {:<8} {trunk_params:>12} {:>10.3}", "total", gflops(trunk_macs));
+    let _ = writeln!(out, "  (params include batch-norm statistics; 1 MAC = 2 FLOPs)");
     if !trunk.unknown_ops.is_empty() {
         let _ = writeln!(out, "  (not costed: {})", trunk.unknown_ops.join(", "));
     }
