@@ -35,7 +35,14 @@ pub struct Row {
 
 impl Row {
     fn failed(file: &str, error: String) -> Row {
-        Row { file: file.into(), frame: None, time_ms: None, label: None, score: None, error: Some(error) }
+        Row {
+            file: file.into(),
+            frame: None,
+            time_ms: None,
+            label: None,
+            score: None,
+            error: Some(error),
+        }
     }
 
     /// The table line for this row (see [`TABLE_HEADER`]).
@@ -55,7 +62,8 @@ impl Row {
 }
 
 /// Column titles matching [`Row::table_line`].
-pub const TABLE_HEADER: &str = "file                                      frame       time  label                score";
+pub const TABLE_HEADER: &str =
+    "file                                      frame       time  label                score";
 
 fn format_time(ms: u64) -> String {
     format!("{}:{:02}.{:03}", ms / 60_000, (ms / 1000) % 60, ms % 1000)
@@ -122,7 +130,8 @@ impl Classifier {
                 Err(error) => {
                     // Frames classified before a decoding error stay valid; the error row says
                     // where the file stopped being readable.
-                    let error = if frames > 0 { format!("after {frames} frames: {error}") } else { error };
+                    let error =
+                        if frames > 0 { format!("after {frames} frames: {error}") } else { error };
                     emit(Row::failed(&file, error));
                     return false;
                 }
@@ -142,7 +151,9 @@ impl Classifier {
         index: Option<u64>,
         time_ms: Option<u64>,
     ) -> Result<Row, String> {
-        self.preprocess.write_tensor(frame, &mut self.input);
+        self.preprocess
+            .try_write_tensor(frame, &mut self.input)
+            .map_err(|error| error.to_string())?;
         let (predictions, _) =
             self.backend.infer(&self.input, 1).map_err(|error| error.to_string())?;
         let prediction = predictions.first().ok_or("the backend returned no prediction")?;

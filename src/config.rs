@@ -242,7 +242,8 @@ impl Settings {
 
     /// Reads `file` (when given) and the environment, then validates.
     pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
-        let source_name = file.map_or_else(|| "environment".to_string(), |f| f.display().to_string());
+        let source_name =
+            file.map_or_else(|| "environment".to_string(), |f| f.display().to_string());
         let mut builder = config::Config::builder();
         if let Some(file) = file {
             if !file.is_file() {
@@ -312,16 +313,23 @@ impl Settings {
             problems.push(Problem { key: key.to_string(), message });
         };
         if !is_topic_word(&self.device_id) {
-            problem("device_id", format!("{:?} must be non-empty, without / + # or spaces", self.device_id));
+            problem(
+                "device_id",
+                format!("{:?} must be non-empty, without / + # or spaces", self.device_id),
+            );
         }
         if self.model.backend == Backend::Torch && !cfg!(feature = "torch") {
             problem(
                 "model.backend",
-                "\"torch\" needs a build with the `torch` feature; this build has tract only".into(),
+                "\"torch\" needs a build with the `torch` feature; this build has tract only"
+                    .into(),
             );
         }
         if !is_device(&self.model.device) {
-            problem("model.device", format!("{:?} is not auto, cpu, cuda or cuda:N", self.model.device));
+            problem(
+                "model.device",
+                format!("{:?} is not auto, cpu, cuda or cuda:N", self.model.device),
+            );
         }
         if self.engine.queue == 0 {
             problem("engine.queue", "must be at least 1".into());
@@ -339,7 +347,10 @@ impl Settings {
             problem("mqtt.qos", format!("{} is not 0, 1 or 2", self.mqtt.qos));
         }
         if self.mqtt.prefix.is_empty() || self.mqtt.prefix.contains(['+', '#']) {
-            problem("mqtt.prefix", format!("{:?} must be non-empty, without + or #", self.mqtt.prefix));
+            problem(
+                "mqtt.prefix",
+                format!("{:?} must be non-empty, without + or #", self.mqtt.prefix),
+            );
         }
         if self.mqtt.username.is_some() != self.mqtt.password.is_some() {
             problem("mqtt.password", "username and password go together".into());
@@ -356,7 +367,10 @@ impl Settings {
             }
             let first = self.streams.iter().position(|other| other.name == stream.name);
             if !stream.name.is_empty() && first != Some(index) {
-                problem(&format!("streams[{index}].name"), format!("{:?} is used twice", stream.name));
+                problem(
+                    &format!("streams[{index}].name"),
+                    format!("{:?} is used twice", stream.name),
+                );
             }
         }
         problems
@@ -389,7 +403,7 @@ impl StreamSettings {
             problems.push(("name", format!("{:?} must be letters, digits, - or _", self.name)));
         }
         if let Some(fps) = self.fps
-            && !(fps > 0.0 && fps <= 1000.0)
+            && !(fps.is_finite() && fps > 0.0 && fps <= 1000.0)
         {
             problems.push(("fps", format!("{fps} is not in (0, 1000]")));
         }
@@ -415,11 +429,17 @@ impl StreamSettings {
                 &["pattern", "width", "height", "frames"]
             }
             "v4l2" | "rtsp" | "uri" | "pipeline" => {
-                problems.push(("kind", format!("{:?} is not supported by this version yet", self.kind)));
+                problems.push((
+                    "kind",
+                    format!("{:?} is not supported by this version yet", self.kind),
+                ));
                 &[]
             }
             other => {
-                problems.push(("kind", format!("{other:?} is not file, test, v4l2, rtsp, uri or pipeline")));
+                problems.push((
+                    "kind",
+                    format!("{other:?} is not file, test, v4l2, rtsp, uri or pipeline"),
+                ));
                 return problems;
             }
         };
@@ -511,7 +531,7 @@ mod tests {
 
     #[test]
     fn reports_every_unknown_key_with_its_path() {
-        let text = format!("{GOOD}\ncolour = 1\n[model]\nbakend = \"tract\"\n");
+        let text = format!("colour = 1\n{GOOD}\n[model]\nbakend = \"tract\"\n");
         let text = text.replace("fps = 2.0", "fps = 2.0\nfsp = 3");
         let error = Settings::from_toml_str(&text, "bad.toml").unwrap_err();
         let keys: Vec<&str> = error.problems.iter().map(|p| p.key.as_str()).collect();

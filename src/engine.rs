@@ -113,8 +113,7 @@ pub struct Engine {
 
 impl Engine {
     pub fn new(backend: Box<dyn Backend>, bundle: &Bundle, options: EngineOptions) -> Engine {
-        let preprocess =
-            Preprocess { size: bundle.input_size, mean: bundle.mean, std: bundle.std };
+        let preprocess = Preprocess { size: bundle.input_size, mean: bundle.mean, std: bundle.std };
         let side = bundle.input_size as usize;
         Engine {
             backend,
@@ -144,7 +143,7 @@ impl Engine {
                 SourceEvent::Frame(frame) => match self.classify(frame) {
                     Ok(messages) => messages,
                     Err((stream, reason)) => {
-                        error!(%stream, error = %reason, "inference failed; frame lost");
+                        error!(%stream, error = %reason, "frame could not be classified; frame lost");
                         continue;
                     }
                 },
@@ -177,7 +176,9 @@ impl Engine {
     fn classify(&mut self, frame: SourceFrame) -> Result<Vec<Message>, (Arc<str>, String)> {
         let queued = frame.captured.elapsed().unwrap_or_default();
         let started = Instant::now();
-        self.preprocess.write_tensor(&frame.frame, &mut self.input);
+        self.preprocess
+            .try_write_tensor(&frame.frame, &mut self.input)
+            .map_err(|error| (frame.stream.clone(), error.to_string()))?;
         let preprocessed = started.elapsed();
         let (predictions, times) = self
             .backend
@@ -206,10 +207,7 @@ impl Engine {
         let best = top_k(&prediction.scores, self.options.top_k);
         let top: Vec<LabelScore> = best
             .iter()
-            .map(|&index| LabelScore {
-                label: self.label(index),
-                score: prediction.scores[index],
-            })
+            .map(|&index| LabelScore { label: self.label(index), score: prediction.scores[index] })
             .collect();
         let label = top[0].label.clone();
         let score = top[0].score;
@@ -276,10 +274,8 @@ mod tests {
         let mut book = StreamBook::default();
         let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
         let now = SystemTime::now();
-        let seqs: Vec<u64> = [&a, &b, &a, &a, &b]
-            .iter()
-            .map(|stream| book.record(stream, "x", now).seq)
-            .collect();
+        let seqs: Vec<u64> =
+            [&a, &b, &a, &a, &b].iter().map(|stream| book.record(stream, "x", now).seq).collect();
         assert_eq!(seqs, [0, 0, 1, 2, 1]);
         assert_eq!(book.count("a"), 3);
         assert_eq!(book.count("c"), 0);

@@ -16,7 +16,11 @@ use edgesight::service;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "edgesight", version, about = "Camera and file streams → image classifications on MQTT")]
+#[command(
+    name = "edgesight",
+    version,
+    about = "Camera and file streams → image classifications on MQTT"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -160,7 +164,7 @@ fn classify(
     threads: usize,
     files: &[PathBuf],
 ) -> anyhow::Result<ExitCode> {
-    if !(fps > 0.0) {
+    if !fps.is_finite() || fps <= 0.0 {
         anyhow::bail!("--fps must be above 0, not {fps}");
     }
     let bundle = Bundle::open(model_dir).with_context(|| {
@@ -220,15 +224,17 @@ fn model_command(command: ModelCommand) -> anyhow::Result<ExitCode> {
 }
 
 /// Logs go to stderr (stdout carries results). The embedded broker logs every client
-/// connection at INFO, so its target is held at WARN unless the filter names it.
+/// connection at INFO and a port probe as an ERROR; the daemon reports the broker's health
+/// itself, so that target is off unless the filter names it.
 fn init_logging(default: &str) {
     let default = if default.contains("rumqttd") {
         default.to_string()
     } else {
-        format!("{default},rumqttd=warn")
+        format!("{default},rumqttd=off")
     };
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&default))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
 }

@@ -80,9 +80,14 @@ fn every_corpus_file_gives_results_or_a_clear_error() {
         );
     }
     // Files that cannot: each error names why.
-    for (bad, why) in [("img_jpeg_truncated.jpg", ""), ("vid_audio_only_vorbis.mkv", "video")] {
+    for (bad, why) in [
+        ("img_png_truncated.png", "truncated"),
+        ("img_bmp_bad_reallybig.bmp", "bomb"),
+        ("vid_audio_only_vorbis.mkv", "video"),
+    ] {
         let name = corpus(bad).display().to_string();
-        let row = rows.iter().find(|row| row["file"] == name.as_str() && row.get("error").is_some());
+        let row =
+            rows.iter().find(|row| row["file"] == name.as_str() && row.get("error").is_some());
         let error = row.and_then(|row| row["error"].as_str()).unwrap_or_default();
         assert!(row.is_some() && error.contains(why), "{bad}: {error:?}");
     }
@@ -101,5 +106,8 @@ fn table_output_and_exit_code_for_good_and_missing_inputs() {
     let output = classify(&["--json"], &[good, missing]);
     assert_eq!(output.status.code(), Some(1));
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(stdout.contains(r#""file":"/nonexistent/picture.jpg","error":"no such file""#), "{stdout}");
+    assert!(
+        stdout.contains(r#""file":"/nonexistent/picture.jpg","error":"no such file""#),
+        "{stdout}"
+    );
 }

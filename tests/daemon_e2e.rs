@@ -131,29 +131,29 @@ fn two_videos_reach_the_broker_one_message_per_sampled_frame() {
     let small = corpus("vid_h264_aac_160x90.mp4");
     let hd = corpus("vid_vp8_vorbis_1280x720.webm");
     let streams = format!(
-        "name = \"small\"\nkind = \"file\"\npath = \"{}\"\nfps = 2.0\n\n\
-         [[streams]]\nname = \"hd\"\nkind = \"file\"\npath = \"{}\"\nfps = 1.0\n",
+        "name = \"small\"\nkind = \"file\"\npath = \"{}\"\nfps = 10.0\n\n\
+         [[streams]]\nname = \"hd\"\nkind = \"file\"\npath = \"{}\"\nfps = 5.0\n",
         small.display(),
         hd.display()
     );
-    let config = write_config(dir.path(), broker.port(), &streams);
+    let config = write_config(dir.path(), broker.port, &streams);
     let expected: BTreeMap<&str, usize> = [
-        ("small", edgesight::source::read_video(&small, 2.0).filter(Result::is_ok).count()),
-        ("hd", edgesight::source::read_video(&hd, 1.0).filter(Result::is_ok).count()),
+        ("small", edgesight::source::read_video(&small, 10.0).filter(Result::is_ok).count()),
+        ("hd", edgesight::source::read_video(&hd, 5.0).filter(Result::is_ok).count()),
     ]
     .into();
-    assert!(expected.values().all(|&count| count > 1), "{expected:?}");
+    assert!(expected.values().all(|&count| count > 3), "{expected:?}");
 
-    let (_client, rx) = subscribe(broker.port(), "test/e2e/#", "e2e-watcher");
+    let (_client, rx) = subscribe(broker.port, "test/e2e/#", "e2e-watcher");
     let (status, log) = run_daemon(&config, Duration::from_secs(300));
     assert!(status.success(), "daemon exited with {status}:\n{log}");
     let seen = collect_until_quiet(&rx, Duration::from_secs(2));
 
-    // Availability: online first, offline last, both retained.
+    // Availability: online first, offline last. (A live subscriber gets the retain flag only on
+    // messages replayed at subscription; retention is checked by a late subscriber below.)
     let statuses: Vec<&Seen> = seen.iter().filter(|m| m.topic == "test/e2e/status").collect();
     assert_eq!(statuses.first().map(|m| m.payload.as_str()), Some("online"), "{statuses:?}");
     assert_eq!(statuses.last().map(|m| m.payload.as_str()), Some("offline"), "{statuses:?}");
-    assert!(statuses.iter().all(|m| m.retained || m.payload == "online"));
 
     // One schema-valid classification per sampled frame, sequence numbers without gaps.
     let validator = schema();
@@ -173,8 +173,8 @@ fn two_videos_reach_the_broker_one_message_per_sampled_frame() {
             assert_eq!(payload["stream"], *stream);
             assert_eq!(payload["device"], "e2e");
         }
-        let run_ids: std::collections::BTreeSet<&Value> =
-            payloads.iter().map(|payload| &payload["run_id"]).collect();
+        let run_ids: std::collections::BTreeSet<&str> =
+            payloads.iter().filter_map(|payload| payload["run_id"].as_str()).collect();
         assert_eq!(run_ids.len(), 1, "{stream}: one run id");
 
         // The retained state ends as `ended`, holding the last label.
@@ -185,10 +185,20 @@ fn two_videos_reach_the_broker_one_message_per_sampled_frame() {
         assert_eq!(state["seq"], (*count - 1) as u64, "{state}");
     }
 
-    // A late subscriber sees the retained offline status.
-    let (_late, late_rx) = subscribe(broker.port(), "test/e2e/status", "e2e-late");
-    let retained = late_rx.recv_timeout(Duration::from_secs(5)).expect("retained status");
-    assert_eq!((retained.payload.as_str(), retained.retained), ("offline", true));
+    // A late subscriber sees the retained offline status and each stream's final state.
+    let (_late, late_rx) = subscribe(broker.port, "test/e2e/#", "e2e-late");
+    let retained = collect_until_quiet(&late_rx, Duration::from_secs(2));
+    let status = retained.iter().find(|m| m.topic == "test/e2e/status").expect("status");
+    assert_eq!((status.payload.as_str(), status.retained), ("offline", true));
+    for stream in expected.keys() {
+        let topic = format!("test/e2e/{stream}/state");
+        let state = retained.iter().find(|m| m.topic == topic).expect("retained state");
+        assert!(state.retained && state.payload.contains("\"ended\""), "{state:?}");
+    }
+    assert!(
+        !retained.iter().any(|m| m.topic.ends_with("/classification")),
+        "classifications are not retained"
+    );
 }
 
 #[test]
@@ -205,16 +215,15 @@ fn broken_streams_fail_alone_and_the_others_go_on() {
         audio = corpus("vid_audio_only_vorbis.mkv").display(),
         truncated = corpus("vid_truncated_avchd_4000B.mts").display(),
     );
-    let config = write_config(dir.path(), broker.port(), &streams);
+    let config = write_config(dir.path(), broker.port, &streams);
     let expected = edgesight::source::read_video(&good, 1.0).filter(Result::is_ok).count();
 
-    let (_client, rx) = subscribe(broker.port(), "test/e2e/#", "e2e-broken");
+    let (_client, rx) = subscribe(broker.port, "test/e2e/#", "e2e-broken");
     let (status, log) = run_daemon(&config, Duration::from_secs(180));
     assert!(status.success(), "one good stream is enough to succeed: {status}\n{log}");
     let seen = collect_until_quiet(&rx, Duration::from_secs(2));
 
-    let good_count =
-        seen.iter().filter(|m| m.topic == "test/e2e/good/classification").count();
+    let good_count = seen.iter().filter(|m| m.topic == "test/e2e/good/classification").count();
     assert_eq!(good_count, expected, "the good stream lost nothing");
 
     let final_state = |stream: &str| -> Value {
@@ -259,7 +268,7 @@ fn a_missing_bundle_is_a_clear_error() {
     let text = format!(
         "[model]\npath = \"{}/nowhere\"\n[mqtt]\nport = {}\n[[streams]]\nname = \"a\"\nkind = \"test\"\n",
         dir.path().display(),
-        broker.port()
+        broker.port
     );
     std::fs::write(&config, text).expect("config written");
     let output = Command::new(env!("CARGO_BIN_EXE_edgesight"))
@@ -278,10 +287,10 @@ fn sigterm_flushes_and_goes_offline() {
     let dir = tempfile::tempdir().expect("temp dir");
     let config = write_config(
         dir.path(),
-        broker.port(),
+        broker.port,
         "name = \"live\"\nkind = \"test\"\npattern = \"ball\"\nfps = 5.0\n",
     );
-    let (_client, rx) = subscribe(broker.port(), "test/e2e/#", "e2e-sigterm");
+    let (_client, rx) = subscribe(broker.port, "test/e2e/#", "e2e-sigterm");
     let child = Command::new(env!("CARGO_BIN_EXE_edgesight"))
         .args(["run", "--config"])
         .arg(&config)

@@ -31,7 +31,9 @@ fn onnxruntime(model: &Path, input: &[f32], shape: [usize; 4], work: &Path) -> (
     std::fs::write(&input_path, bytes).unwrap_or_else(|e| panic!("{}: {e}", input_path.display()));
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/onnx_reference.py");
     let shape_arg = shape.map(|d| d.to_string()).join(",");
-    let result = Command::new("python3")
+    // scripts/test.sh points EDGESIGHT_PYTHON at a virtual environment with onnxruntime.
+    let python = std::env::var("EDGESIGHT_PYTHON").unwrap_or_else(|_| "python3".into());
+    let result = Command::new(&python)
         .arg(&script)
         .arg(model)
         .arg(&input_path)
@@ -42,8 +44,8 @@ fn onnxruntime(model: &Path, input: &[f32], shape: [usize; 4], work: &Path) -> (
     let output = match result {
         Ok(output) => output,
         Err(error) => panic!(
-            "cannot run python3 ({error}): the onnxruntime reference needs python3 with \
-             `pip install onnxruntime numpy`"
+            "cannot run {python} ({error}): the onnxruntime reference needs python3 with \
+             `pip install onnxruntime numpy` (scripts/test.sh sets that up)"
         ),
     };
     assert!(

@@ -13,6 +13,7 @@ pub mod bundle;
 pub mod model;
 pub mod mosquitto;
 
+#[allow(unused_imports)]
 pub use model::*;
 
 use std::time::Duration;
