@@ -11,26 +11,10 @@ cache="${EDGESIGHT_CACHE:-$HOME/.cache/edgesight}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache/target}"
 mkdir -p "$cache"
 
-sudo=""
-if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
-
-# 1. System packages, installed only when missing (apt-get update is the slow part).
-packages=(
-  pkg-config libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev
-  gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
+# 1. System packages, installed only when missing.
+scripts/install-packages.sh pkg-config libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev \
+  gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad \
   gstreamer1.0-libav gstreamer1.0-tools mosquitto mosquitto-clients python3 python3-venv
-)
-missing=()
-for package in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
-    || missing+=("$package")
-done
-if [ "${#missing[@]}" -gt 0 ]; then
-  echo "installing: ${missing[*]}"
-  $sudo apt-get update -qq
-  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    "${missing[@]}"
-fi
 
 # 2. onnxruntime (PyPI) for the backbone reference test, in a venv outside the checkout.
 venv="$cache/venv"
