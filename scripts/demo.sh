@@ -12,6 +12,8 @@ scripts/install-packages.sh pkg-config libgstreamer1.0-dev libgstreamer-plugins-
   gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-libav
 
 # The dev profile builds dependencies with opt-level 3 (see Cargo.toml), so the demo runs at
-# nearly release speed and shares its build with scripts/test.sh. Services use --release.
-cargo build --locked --bin edgesight
+# nearly release speed. Building every target (as scripts/test.sh does) keeps one set of
+# dependency features, so the two scripts share one dependency build instead of making two.
+# The first build takes 20–30 minutes on two cores. Services use --release.
+cargo build --locked --all-targets
 exec "$CARGO_TARGET_DIR/debug/edgesight" run "$@"

@@ -95,8 +95,15 @@ impl Classifier {
     /// (its error row has been emitted).
     pub fn classify_path(&mut self, path: &Path, emit: &mut dyn FnMut(Row)) -> bool {
         let file = path.display().to_string();
-        if !path.exists() {
-            emit(Row::failed(&file, "no such file".into()));
+        let refusal = match std::fs::metadata(path) {
+            Err(_) => Some("no such file"),
+            Ok(metadata) if metadata.is_dir() => Some("is a directory"),
+            // A FIFO or device would block the decoder forever waiting for data.
+            Ok(metadata) if !metadata.is_file() => Some("not a regular file"),
+            Ok(_) => None,
+        };
+        if let Some(reason) = refusal {
+            emit(Row::failed(&file, reason.into()));
             return false;
         }
         if looks_like_image(path) {

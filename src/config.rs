@@ -196,6 +196,21 @@ pub struct Problem {
     pub message: String,
 }
 
+impl Problem {
+    /// Says so when the key's value came from an `EDGESIGHT__…` environment variable, which the
+    /// operator would otherwise look for in the file.
+    fn name_environment_override(&mut self) {
+        let section_key = self.key.split('[').next().unwrap_or_default();
+        let variable = format!(
+            "{ENV_PREFIX}__{}",
+            section_key.split('.').collect::<Vec<_>>().join("__").to_uppercase()
+        );
+        if !section_key.is_empty() && std::env::var_os(&variable).is_some() {
+            self.message.push_str(&format!(" (set by the environment variable {variable})"));
+        }
+    }
+}
+
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}", self.key, self.message)
@@ -285,25 +300,86 @@ impl Settings {
     fn from_config(raw: config::Config, source_name: String) -> Result<Settings, ConfigError> {
         let mut unknown = Vec::new();
         let parsed: Result<Settings, _> =
-            serde_ignored::deserialize(raw, |path| unknown.push(path.to_string()));
+            serde_ignored::deserialize(raw.clone(), |path| unknown.push(path.to_string()));
         let mut problems: Vec<Problem> = unknown
             .into_iter()
             .map(|key| Problem { key: tidy_key(&key), message: "unknown key".into() })
             .collect();
         match parsed {
-            Ok(settings) => {
-                problems.extend(settings.validate());
-                if problems.is_empty() {
-                    Ok(settings)
-                } else {
-                    Err(ConfigError { source_name, problems })
-                }
-            }
+            Ok(settings) => problems.extend(settings.validate()),
             Err(error) => {
-                problems.push(type_problem(&error));
-                Err(ConfigError { source_name, problems })
+                // The whole-file error names the exact key; the per-section pass finds the
+                // problems after it, naming their section.
+                let first = type_problem(&error);
+                let covered = |problem: &Problem| {
+                    let rest = first.key.strip_prefix(problem.key.as_str());
+                    rest.is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']))
+                };
+                let rest: Vec<Problem> = Self::section_problems(&raw);
+                problems.push(first.clone());
+                problems.extend(rest.into_iter().filter(|problem| !covered(problem)));
             }
         }
+        for problem in &mut problems {
+            problem.name_environment_override();
+        }
+        if problems.is_empty() {
+            // Parsed without problems just above; parsing again cannot fail differently.
+            serde_ignored::deserialize(raw, |_| {})
+                .map_err(|error| ConfigError { source_name, problems: vec![type_problem(&error)] })
+        } else {
+            Err(ConfigError { source_name, problems })
+        }
+    }
+
+    /// After a type error, which stops serde at its first one: each section on its own, so
+    /// that type errors in other sections are reported too, and the semantic checks of the
+    /// sections that did parse.
+    fn section_problems(raw: &config::Config) -> Vec<Problem> {
+        fn section<T: serde::de::DeserializeOwned>(
+            raw: &config::Config,
+            key: &str,
+            failed: &mut Vec<String>,
+            problems: &mut Vec<Problem>,
+        ) -> Option<T> {
+            match raw.get::<T>(key) {
+                Ok(value) => Some(value),
+                Err(config::ConfigError::NotFound(_)) => None,
+                Err(error) => {
+                    failed.push(key.to_string());
+                    problems.push(type_problem(&error));
+                    None
+                }
+            }
+        }
+        let (mut failed, mut problems) = (Vec::new(), Vec::new());
+        let mut settings = Settings::default();
+        if let Some(value) = section(raw, "device_id", &mut failed, &mut problems) {
+            settings.device_id = value;
+        }
+        if let Some(value) = section(raw, "log", &mut failed, &mut problems) {
+            settings.log = value;
+        }
+        if let Some(value) = section(raw, "model", &mut failed, &mut problems) {
+            settings.model = value;
+        }
+        if let Some(value) = section(raw, "engine", &mut failed, &mut problems) {
+            settings.engine = value;
+        }
+        if let Some(value) = section(raw, "mqtt", &mut failed, &mut problems) {
+            settings.mqtt = value;
+        }
+        if let Some(value) = section(raw, "streams", &mut failed, &mut problems) {
+            settings.streams = value;
+        } else if failed.iter().any(|key| key == "streams") {
+            // Keep the "at least one stream" check from firing on streams that failed to parse.
+            settings.streams.push(StreamSettings::default());
+        }
+        let in_failed = |key: &str| {
+            failed.iter().any(|section| key == section || key.starts_with(section.as_str()))
+        };
+        problems.extend(settings.validate().into_iter().filter(|problem| !in_failed(&problem.key)));
+        problems
     }
 
     /// Every semantic problem, each naming its key. Empty when the settings are usable.
@@ -474,8 +550,11 @@ fn is_device(device: &str) -> bool {
     }
 }
 
-/// `serde_ignored` writes sequence indices as `streams.1.foo`; operators read `streams[1].foo`.
+/// `serde_ignored` writes sequence indices as `streams.1.foo` and the `config` crate as
+/// `streams[1]foo`; operators read `streams[1].foo`.
 fn tidy_key(key: &str) -> String {
+    let key = key.replace("]", "].").replace("].[", "][").replace("]..", "].");
+    let key = key.strip_suffix('.').unwrap_or(&key);
     let mut out = String::new();
     for part in key.split('.') {
         if !out.is_empty() && part.bytes().all(|b| b.is_ascii_digit()) {
@@ -573,6 +652,35 @@ mod tests {
         let text = GOOD.replace("port = 1884", "port = \"many\"");
         let error = Settings::from_toml_str(&text, "bad.toml").unwrap_err();
         assert_eq!(error.problems[0].key, "mqtt.port", "{error}");
+    }
+
+    #[test]
+    fn reports_type_errors_in_several_sections_and_the_other_problems() {
+        let text = r#"
+            [engine]
+            queue = "many"
+            [mqtt]
+            port = "abc"
+            qos = 7
+            [[streams]]
+            name = "a"
+            kind = "test"
+            frames = "lots"
+        "#;
+        let error = Settings::from_toml_str(text, "types.toml").unwrap_err();
+        let keys: Vec<&str> = error.problems.iter().map(|p| p.key.as_str()).collect();
+        for section in ["engine", "mqtt", "streams"] {
+            let found = keys.iter().filter(|key| key.starts_with(section)).count();
+            assert_eq!(found, 1, "{section} once in {keys:?}");
+        }
+        assert!(!keys.contains(&"mqtt.qos"), "a section that failed to parse is not validated");
+    }
+
+    #[test]
+    fn tidies_both_styles_of_index() {
+        assert_eq!(tidy_key("streams.1.fsp"), "streams[1].fsp");
+        assert_eq!(tidy_key("streams[2]frames"), "streams[2].frames");
+        assert_eq!(tidy_key("mqtt.port"), "mqtt.port");
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! decided here: 0 when everything asked for worked, 1 when something failed, 2 for a usage
 //! or configuration error.
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -168,10 +169,15 @@ fn classify(
         anyhow::bail!("--fps must be above 0, not {fps}");
     }
     let bundle = Bundle::open(model_dir).with_context(|| {
-        format!(
-            "cannot open the model bundle (make one with `edgesight model synth --out {}`)",
-            model_dir.display()
-        )
+        if model_dir.exists() {
+            "cannot open the model bundle".to_string()
+        } else {
+            format!(
+                "no model bundle at {} (make one with `edgesight model synth --out {0}`, or \
+                 pass --model DIR)",
+                model_dir.display()
+            )
+        }
     })?;
     let backend = model::open_backend(&bundle, threads)?;
     let mut classifier = Classifier::new(backend, &bundle, fps);
@@ -235,6 +241,9 @@ fn init_logging(default: &str) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&default))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let _ =
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .try_init();
 }

@@ -10,6 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::{error, info, warn};
 
 use crate::config::Settings;
@@ -71,17 +72,21 @@ pub fn prepare_bundle(path: &Path, synth_if_missing: bool) -> Result<Bundle, Ser
 
 /// Runs the daemon until every stream has ended or a signal arrives.
 pub async fn run(settings: Settings) -> Result<RunOutcome, ServiceError> {
+    // Installed first, so that a signal during start-up (the model takes seconds to load) is
+    // a clean stop rather than the default action that kills the process.
+    let mut signals = Signals::install();
     let run_id = uuid::Uuid::new_v4().to_string();
     info!(device = %settings.device_id, %run_id, streams = settings.streams.len(), "starting");
 
-    let bundle = prepare_bundle(&settings.model.path, settings.model.synth_if_missing)?;
-    let backend = model::open_backend(&bundle, settings.model.threads)
-        .map_err(|source| ServiceError::Model { path: bundle.dir.clone(), source })?;
-    info!(model = %bundle.identity.name, version = %bundle.identity.version, "model loaded");
-
-    // Held for the whole run: dropping it stops the embedded broker.
-    let _broker = broker::resolve_broker(&settings.mqtt).await?;
-    let publisher = Publisher::start(&settings).await?;
+    let started = tokio::select! {
+        started = start(&settings) => started?,
+        signal = signals.recv() => {
+            info!(%signal, "stopping during start-up");
+            let summary = EngineSummary::default();
+            return Ok(RunOutcome { summary, interrupted: true, unacknowledged: 0 });
+        }
+    };
+    let Started { bundle, backend, broker: _broker, publisher } = started;
     let out = publisher.sender();
 
     let (events_tx, events_rx) = crossbeam_channel::bounded(settings.engine.queue);
@@ -120,7 +125,7 @@ pub async fn run(settings: Settings) -> Result<RunOutcome, ServiceError> {
     let mut interrupted = false;
     let summary = tokio::select! {
         summary = &mut done_rx => summary.ok(),
-        signal = shutdown_signal() => {
+        signal = signals.recv() => {
             info!(%signal, "stopping");
             interrupted = true;
             None
@@ -155,17 +160,58 @@ pub async fn run(settings: Settings) -> Result<RunOutcome, ServiceError> {
     Ok(RunOutcome { summary, interrupted, unacknowledged: report.unacknowledged })
 }
 
-/// Resolves on SIGINT or SIGTERM with the signal's name.
-async fn shutdown_signal() -> &'static str {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut interrupt), Ok(mut terminate)) =
-        (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
-    else {
-        warn!("cannot install signal handlers; only the end of every stream stops the daemon");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = interrupt.recv() => "SIGINT",
-        _ = terminate.recv() => "SIGTERM",
+/// What start-up builds: the model, the embedded broker when one runs (held for the whole run:
+/// dropping it stops the broker), and the connected publisher.
+struct Started {
+    bundle: Bundle,
+    backend: Box<dyn model::Backend>,
+    broker: Option<broker::EmbeddedBroker>,
+    publisher: Publisher,
+}
+
+async fn start(settings: &Settings) -> Result<Started, ServiceError> {
+    let path = settings.model.path.clone();
+    let synth = settings.model.synth_if_missing;
+    let threads = settings.model.threads;
+    let loaded = tokio::task::spawn_blocking(move || {
+        let bundle = prepare_bundle(&path, synth)?;
+        let backend = model::open_backend(&bundle, threads)
+            .map_err(|source| ServiceError::Model { path: bundle.dir.clone(), source })?;
+        Ok::<_, ServiceError>((bundle, backend))
+    })
+    .await
+    .map_err(|error| ServiceError::Thread(std::io::Error::other(error.to_string())))?;
+    let (bundle, backend) = loaded?;
+    info!(model = %bundle.identity.name, version = %bundle.identity.version, "model loaded");
+    let broker = broker::resolve_broker(&settings.mqtt).await?;
+    let publisher = Publisher::start(settings).await?;
+    Ok(Started { bundle, backend, broker, publisher })
+}
+
+/// SIGINT and SIGTERM, caught from the moment [`Signals::install`] returns.
+struct Signals {
+    interrupt: Option<Signal>,
+    terminate: Option<Signal>,
+}
+
+impl Signals {
+    fn install() -> Signals {
+        let interrupt = signal(SignalKind::interrupt()).ok();
+        let terminate = signal(SignalKind::terminate()).ok();
+        if interrupt.is_none() || terminate.is_none() {
+            warn!("cannot install signal handlers; only the end of every stream stops the daemon");
+        }
+        Signals { interrupt, terminate }
+    }
+
+    /// Resolves on SIGINT or SIGTERM with the signal's name.
+    async fn recv(&mut self) -> &'static str {
+        match (&mut self.interrupt, &mut self.terminate) {
+            (Some(interrupt), Some(terminate)) => tokio::select! {
+                _ = interrupt.recv() => "SIGINT",
+                _ = terminate.recv() => "SIGTERM",
+            },
+            _ => std::future::pending().await,
+        }
     }
 }

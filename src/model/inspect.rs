@@ -276,7 +276,16 @@ pub fn inspect(bundle: &Bundle) -> Result<String, ModelError> {
     let graph = onnx::graph_of(&cut.model, &backbone_path)?;
     let trunk = graph_cost(graph, &[(cut.input.as_str(), vec![1, 3, s, s])]);
     let features = trunk.shapes.get(&cut.output).cloned().unwrap_or_default();
-    let h = features.get(2).copied().unwrap_or(s / 32);
+    // The same rule the loader applies: a report on a graph that cannot run would mislead.
+    if features.len() != 4 || features[1] != FEATURE_CHANNELS {
+        let reason = format!(
+            "not a ResNet-50 trunk: the cut at `{}` has shape {features:?}, expected \
+             [1, {FEATURE_CHANNELS}, h, w]",
+            cut.output
+        );
+        return Err(ModelError::bundle(&backbone_path, reason));
+    }
+    let h = features[2];
 
     let head_path = bundle.dir.join(HEAD);
     let head_proto = onnx::read_model(&head_path)?;

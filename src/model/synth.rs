@@ -169,7 +169,7 @@ fn write_files(dir: &Path, options: &SynthOptions) -> Result<(), ModelError> {
     let k = SYNTH_COMPONENTS;
 
     let backbone_options = VariantOptions::torchvision(options.seed, options.input_size);
-    let features = write_resnet50_variant(&dir.join(BACKBONE), &backbone_options)?;
+    write_resnet50_variant(&dir.join(BACKBONE), &backbone_options)?;
 
     let (pca, kept) = Pca::synthetic(options.seed, FEATURE_CHANNELS, k);
     write(PCA, pca.to_safetensors(&dir.join(PCA))?)?;
@@ -192,7 +192,10 @@ fn write_files(dir: &Path, options: &SynthOptions) -> Result<(), ModelError> {
         labels: options.labels.clone(),
         k,
         explained_variance: Some(kept),
-        backbone_output: Some(features),
+        // The trunk ends at its feature map, which the loader finds by itself. Naming the tensor
+        // here would break the README's "replace backbone.onnx with your own" path for files
+        // whose tensors are named differently.
+        backbone_output: None,
         files,
         metrics: None,
     };
