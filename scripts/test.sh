@@ -43,5 +43,5 @@ echo "mosquitto on 127.0.0.1:$port"
 # 4. Style, then every test (unit, integration, doc) and a compile of the benchmarks.
 cargo fmt --all -- --check
 cargo build --all-targets --locked
-cargo test --all-targets --locked
 cargo test --doc --locked
+cargo test --all-targets --locked
