@@ -143,7 +143,7 @@ impl Engine {
                 SourceEvent::Frame(frame) => match self.classify(frame) {
                     Ok(messages) => messages,
                     Err((stream, reason)) => {
-                        error!(%stream, error = %reason, "frame could not be classified; frame lost");
+                        error!(%stream, error = %reason, "frame not classified; frame lost");
                         continue;
                     }
                 },

@@ -266,7 +266,8 @@ fn a_missing_bundle_is_a_clear_error() {
     let dir = tempfile::tempdir().expect("temp dir");
     let config = dir.path().join("nomodel.toml");
     let text = format!(
-        "[model]\npath = \"{}/nowhere\"\n[mqtt]\nport = {}\n[[streams]]\nname = \"a\"\nkind = \"test\"\n",
+        "[model]\npath = \"{}/nowhere\"\n[mqtt]\nport = {}\n\
+         [[streams]]\nname = \"a\"\nkind = \"test\"\n",
         dir.path().display(),
         broker.port
     );

@@ -327,7 +327,8 @@ fn measure_backbone_latency() {
             head_total += times.head.as_secs_f64() * 1e3;
         }
         eprintln!(
-            "  bundle open {:.0} ms, backend load {:.0} ms; infer: backbone {:.1} ms, head {:.1} ms",
+            "  bundle open {:.0} ms, backend load {:.0} ms; \
+             infer: backbone {:.1} ms, head {:.1} ms",
             opened.as_secs_f64() * 1e3,
             (loaded - opened).as_secs_f64() * 1e3,
             backbone_total / runs as f64,
