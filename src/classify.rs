@@ -10,9 +10,9 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use crate::engine::top_k;
+use crate::engine::{FrameModel, top_k};
 use crate::model::{Backend, Bundle};
-use crate::preprocess::{self, Frame, Preprocess};
+use crate::preprocess::{self, Frame};
 use crate::source;
 
 /// One line of output: a classified frame, or the error that stopped an input.
@@ -71,24 +71,14 @@ fn format_time(ms: u64) -> String {
 
 /// The model and settings shared by every input.
 pub struct Classifier {
-    backend: Box<dyn Backend>,
-    preprocess: Preprocess,
-    labels: Vec<String>,
-    input: Vec<f32>,
+    model: FrameModel,
     /// Frames per second of video time to classify.
     pub fps: f64,
 }
 
 impl Classifier {
     pub fn new(backend: Box<dyn Backend>, bundle: &Bundle, fps: f64) -> Classifier {
-        let side = bundle.input_size as usize;
-        Classifier {
-            backend,
-            preprocess: Preprocess { size: bundle.input_size, mean: bundle.mean, std: bundle.std },
-            labels: bundle.labels.clone(),
-            input: vec![0.0; 3 * side * side],
-            fps,
-        }
+        Classifier { model: FrameModel::new(backend, bundle), fps }
     }
 
     /// Classifies one input, calling `emit` for each row. Returns false when the input failed
@@ -158,18 +148,13 @@ impl Classifier {
         index: Option<u64>,
         time_ms: Option<u64>,
     ) -> Result<Row, String> {
-        self.preprocess
-            .try_write_tensor(frame, &mut self.input)
-            .map_err(|error| error.to_string())?;
-        let (predictions, _) =
-            self.backend.infer(&self.input, 1).map_err(|error| error.to_string())?;
-        let prediction = predictions.first().ok_or("the backend returned no prediction")?;
+        let prediction = self.model.run(frame)?.prediction;
         let best = top_k(&prediction.scores, 1)[0];
         Ok(Row {
             file: file.into(),
             frame: index,
             time_ms,
-            label: Some(self.labels.get(best).cloned().unwrap_or_else(|| format!("#{best}"))),
+            label: Some(self.model.label(best)),
             score: Some(prediction.scores[best]),
             error: None,
         })

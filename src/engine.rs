@@ -9,14 +9,14 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::Receiver;
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
-use crate::model::{Backend, Bundle, Prediction};
-use crate::preprocess::Preprocess;
+use crate::model::{Backend, Bundle, Prediction, StageTimes};
+use crate::preprocess::{Frame, Preprocess};
 use crate::publish::Message;
 use crate::publish::payload::{
     Classification, LabelScore, Latency, ModelRef, SCHEMA_VERSION, StreamState, rfc3339_ms,
@@ -100,25 +100,65 @@ pub fn top_k(scores: &[f32], k: usize) -> Vec<usize> {
     order
 }
 
-/// Runs frames through the model until every stream has ended and the channel is closed.
-pub struct Engine {
+/// One frame through preprocessing and the backend, with the bundle's labels: the part the
+/// daemon's engine and the one-shot `classify` command share. The input buffer is reused from
+/// frame to frame.
+pub struct FrameModel {
     backend: Box<dyn Backend>,
     preprocess: Preprocess,
     labels: Vec<String>,
+    input: Vec<f32>,
+}
+
+/// A frame's prediction and what each step cost.
+#[derive(Debug)]
+pub struct FrameResult {
+    pub prediction: Prediction,
+    pub preprocess: Duration,
+    pub stages: StageTimes,
+}
+
+impl FrameModel {
+    pub fn new(backend: Box<dyn Backend>, bundle: &Bundle) -> FrameModel {
+        let side = bundle.input_size as usize;
+        FrameModel {
+            backend,
+            preprocess: Preprocess { size: bundle.input_size, mean: bundle.mean, std: bundle.std },
+            labels: bundle.labels.clone(),
+            input: vec![0.0; 3 * side * side],
+        }
+    }
+
+    /// Preprocesses `frame` and runs it through the backend (batch of one).
+    pub fn run(&mut self, frame: &Frame) -> Result<FrameResult, String> {
+        let started = Instant::now();
+        self.preprocess.try_write_tensor(frame, &mut self.input).map_err(|e| e.to_string())?;
+        let preprocess = started.elapsed();
+        let (predictions, stages) =
+            self.backend.infer(&self.input, 1).map_err(|error| error.to_string())?;
+        let prediction =
+            predictions.into_iter().next().ok_or("the backend returned no prediction")?;
+        Ok(FrameResult { prediction, preprocess, stages })
+    }
+
+    /// The label of score `index`, or `#index` when the bundle has fewer labels.
+    pub fn label(&self, index: usize) -> String {
+        self.labels.get(index).cloned().unwrap_or_else(|| format!("#{index}"))
+    }
+}
+
+/// Runs frames through the model until every stream has ended and the channel is closed.
+pub struct Engine {
+    frames: FrameModel,
     model: ModelRef,
     options: EngineOptions,
     book: StreamBook,
-    input: Vec<f32>,
 }
 
 impl Engine {
     pub fn new(backend: Box<dyn Backend>, bundle: &Bundle, options: EngineOptions) -> Engine {
-        let preprocess = Preprocess { size: bundle.input_size, mean: bundle.mean, std: bundle.std };
-        let side = bundle.input_size as usize;
         Engine {
-            backend,
-            preprocess,
-            labels: bundle.labels.clone(),
+            frames: FrameModel::new(backend, bundle),
             model: ModelRef {
                 name: bundle.identity.name.clone(),
                 version: bundle.identity.version.clone(),
@@ -126,7 +166,6 @@ impl Engine {
             },
             options,
             book: StreamBook::default(),
-            input: vec![0.0; 3 * side * side],
         }
     }
 
@@ -175,27 +214,17 @@ impl Engine {
     /// One frame through the model: a classification, and a state when the label changed.
     fn classify(&mut self, frame: SourceFrame) -> Result<Vec<Message>, (Arc<str>, String)> {
         let queued = frame.captured.elapsed().unwrap_or_default();
-        let started = Instant::now();
-        self.preprocess
-            .try_write_tensor(&frame.frame, &mut self.input)
-            .map_err(|error| (frame.stream.clone(), error.to_string()))?;
-        let preprocessed = started.elapsed();
-        let (predictions, times) = self
-            .backend
-            .infer(&self.input, 1)
-            .map_err(|error| (frame.stream.clone(), error.to_string()))?;
-        let Some(prediction) = predictions.into_iter().next() else {
-            return Err((frame.stream.clone(), "backend returned no prediction".into()));
-        };
+        let result =
+            self.frames.run(&frame.frame).map_err(|reason| (frame.stream.clone(), reason))?;
         let total = frame.captured.elapsed().unwrap_or_default();
         let latency = Latency {
             queue: millis(queued),
-            preprocess: millis(preprocessed),
-            backbone: millis(times.backbone),
-            head: millis(times.head),
+            preprocess: millis(result.preprocess),
+            backbone: millis(result.stages.backbone),
+            head: millis(result.stages.head),
             total: millis(total),
         };
-        Ok(self.messages(&frame, prediction, latency))
+        Ok(self.messages(&frame, result.prediction, latency))
     }
 
     fn messages(
@@ -207,7 +236,10 @@ impl Engine {
         let best = top_k(&prediction.scores, self.options.top_k);
         let top: Vec<LabelScore> = best
             .iter()
-            .map(|&index| LabelScore { label: self.label(index), score: prediction.scores[index] })
+            .map(|&index| LabelScore {
+                label: self.frames.label(index),
+                score: prediction.scores[index],
+            })
             .collect();
         let label = top[0].label.clone();
         let score = top[0].score;
@@ -253,10 +285,6 @@ impl Engine {
             error,
             updated_at: rfc3339_ms(SystemTime::now()),
         }
-    }
-
-    fn label(&self, index: usize) -> String {
-        self.labels.get(index).cloned().unwrap_or_else(|| format!("#{index}"))
     }
 }
 

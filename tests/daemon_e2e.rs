@@ -244,17 +244,22 @@ fn broken_streams_fail_alone_and_the_others_go_on() {
     assert!(truncated["status"] == "ended" || truncated["error"].is_string(), "{truncated}");
 }
 
-#[test]
-fn a_bad_config_key_is_named_and_nothing_starts() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let config = dir.path().join("bad.toml");
-    std::fs::write(&config, "[mqtt]\nprot = 1884\n[[streams]]\nname = \"a\"\nkind = \"test\"\n")
-        .expect("config written");
-    let output = Command::new(env!("CARGO_BIN_EXE_edgesight"))
+/// Writes `text` as a config file in `dir` and runs the daemon on it to the end.
+fn run_once(dir: &Path, text: &str) -> std::process::Output {
+    let config = dir.join("edgesight.toml");
+    std::fs::write(&config, text).expect("config written");
+    Command::new(env!("CARGO_BIN_EXE_edgesight"))
         .args(["run", "--config"])
         .arg(&config)
         .output()
-        .expect("daemon runs");
+        .expect("daemon runs")
+}
+
+#[test]
+fn a_bad_config_key_is_named_and_nothing_starts() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let text = "[mqtt]\nprot = 1884\n[[streams]]\nname = \"a\"\nkind = \"test\"\n";
+    let output = run_once(dir.path(), text);
     assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("mqtt.prot") && stderr.contains("unknown key"), "{stderr}");
@@ -264,19 +269,13 @@ fn a_bad_config_key_is_named_and_nothing_starts() {
 fn a_missing_bundle_is_a_clear_error() {
     let broker = Mosquitto::start();
     let dir = tempfile::tempdir().expect("temp dir");
-    let config = dir.path().join("nomodel.toml");
     let text = format!(
         "[model]\npath = \"{}/nowhere\"\n[mqtt]\nport = {}\n\
          [[streams]]\nname = \"a\"\nkind = \"test\"\n",
         dir.path().display(),
         broker.port
     );
-    std::fs::write(&config, text).expect("config written");
-    let output = Command::new(env!("CARGO_BIN_EXE_edgesight"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .output()
-        .expect("daemon runs");
+    let output = run_once(dir.path(), &text);
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("nowhere") && stderr.contains("manifest.toml"), "{stderr}");
