@@ -8,6 +8,7 @@
 pub mod classify;
 pub mod config;
 pub mod engine;
+pub mod metrics;
 pub mod model;
 pub mod preprocess;
 pub mod publish;
