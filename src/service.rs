@@ -5,19 +5,26 @@
 //! cannot start is reported on its retained state topic and the others go on. Shutdown, on the
 //! end of every stream or on SIGINT/SIGTERM: sources stop and send their last event, the
 //! engine drains its queue, the publisher flushes QoS ≥ 1 messages, publishes `offline` and
-//! disconnects.
+//! disconnects. Under systemd, [`notify`] tells the manager about each step and [`health`]
+//! feeds the watchdog while the engine makes progress.
+
+pub mod health;
+pub mod notify;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tracing::{error, info, warn};
 
 use crate::config::Settings;
 use crate::engine::{Engine, EngineOptions, EngineSummary};
+use crate::metrics::Metrics;
 use crate::model::{self, Bundle, ModelError, SynthOptions};
 use crate::publish::{Publisher, broker};
 use crate::source::{self, SourceEvent};
+use notify::Notifier;
 
 /// Why the daemon could not run.
 #[derive(Debug, thiserror::Error)]
@@ -70,20 +77,35 @@ pub fn prepare_bundle(path: &Path, synth_if_missing: bool) -> Result<Bundle, Ser
     Bundle::open(path).map_err(wrap)
 }
 
+/// How often start-up asks systemd for more time while the model loads.
+const START_EXTEND_EVERY: Duration = Duration::from_secs(10);
+
 /// Runs the daemon until every stream has ended or a signal arrives.
 pub async fn run(settings: Settings) -> Result<RunOutcome, ServiceError> {
     // Installed first, so that a signal during start-up (the model takes seconds to load) is
     // a clean stop rather than the default action that kills the process.
     let mut signals = Signals::install();
+    let notifier = Arc::new(Notifier::from_env());
+    let metrics = Metrics::new();
     let run_id = uuid::Uuid::new_v4().to_string();
     info!(device = %settings.device_id, %run_id, streams = settings.streams.len(), "starting");
+    notifier.status("starting: loading the model");
 
-    let started = tokio::select! {
-        started = start(&settings) => started?,
-        signal = signals.recv() => {
-            info!(%signal, "stopping during start-up");
-            let summary = EngineSummary::default();
-            return Ok(RunOutcome { summary, interrupted: true, unacknowledged: 0 });
+    // Loading (or first generating) a model can outlast TimeoutStartSec= on a small board; ask
+    // systemd for more time while it goes on.
+    let mut extend = tokio::time::interval(START_EXTEND_EVERY);
+    let starting = start(&settings);
+    tokio::pin!(starting);
+    let started = loop {
+        tokio::select! {
+            started = &mut starting => break started?,
+            _ = extend.tick() => notifier.extend_timeout(START_EXTEND_EVERY * 3),
+            signal = signals.recv() => {
+                info!(%signal, "stopping during start-up");
+                notifier.stopping("stopping during start-up");
+                let summary = EngineSummary::default();
+                return Ok(RunOutcome { summary, interrupted: true, unacknowledged: 0 });
+            }
         }
     };
     let Started { bundle, backend, broker: _broker, publisher } = started;
@@ -121,6 +143,8 @@ pub async fn run(settings: Settings) -> Result<RunOutcome, ServiceError> {
     // The engine ends when the last sender is gone: the one each source holds.
     drop(events_tx);
     info!(streams = handles.len(), "running");
+    notifier.ready(&format!("running: {} streams started", handles.len()));
+    let pulse = health::spawn(Arc::clone(&notifier), Arc::clone(&metrics));
 
     let mut interrupted = false;
     let summary = tokio::select! {
@@ -131,6 +155,8 @@ pub async fn run(settings: Settings) -> Result<RunOutcome, ServiceError> {
             None
         }
     };
+    pulse.abort();
+    notifier.stopping("stopping: draining the engine and flushing MQTT");
     let summary = match summary {
         Some(summary) => summary,
         None => {
