@@ -10,6 +10,7 @@
 
 pub mod health;
 pub mod notify;
+pub mod reload;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
