@@ -339,3 +339,40 @@ fn odd_batch_sizes_give_the_same_answers_as_single_frames() {
     // Different frames give different answers, so the comparison above means something.
     assert!(relative_error(&singles[0], &singles[1]) > 1e-6);
 }
+
+#[test]
+fn a_steady_stream_repeats_its_state_as_a_heartbeat() {
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    // A solid colour: every frame gets the same label, so only the heartbeat repeats the state.
+    let text = format!(
+        "device_id = \"beat\"\n[model]\npath = \"{model}\"\nthreads = 1\n\
+         [engine]\nstate_heartbeat_s = 1\n[metrics]\nstats_interval_s = 0\n\
+         [mqtt]\nport = {port}\nprefix = \"test\"\n\
+         [[streams]]\nname = \"wall\"\nkind = \"test\"\npattern = \"red\"\nfps = 2.0\n\
+         frames = 120\nwidth = 64\nheight = 48\n",
+        model = test_bundle().display(),
+        port = broker.port,
+    );
+    let (_client, rx) = subscribe(broker.port, "test/beat/#", "beat-watcher");
+    let mut child = start_daemon(dir.path(), &text);
+    let status = child.wait().expect("daemon exits");
+    assert!(status.success(), "daemon exited with {status}");
+    let mut seen = Vec::new();
+    while let Ok(message) = rx.recv_timeout(Duration::from_secs(2)) {
+        seen.push(message);
+    }
+    let states: Vec<Value> = seen
+        .iter()
+        .filter(|(t, _)| t == "test/beat/wall/state")
+        .map(|(_, p)| serde_json::from_str(p).expect("JSON"))
+        .collect();
+    let running: Vec<&Value> = states.iter().filter(|s| s["status"] == "running").collect();
+    let labels: std::collections::BTreeSet<&str> =
+        running.iter().filter_map(|s| s["label"].as_str()).collect();
+    assert_eq!(labels.len(), 1, "one label all along: {states:?}");
+    // 4 s of stream: the change at the first frame, then about one heartbeat a second.
+    assert!(running.len() >= 3, "{} running states: {states:?}", running.len());
+    assert!(running.iter().all(|s| s["since"] == running[0]["since"]), "{states:?}");
+    assert_eq!(states.last().map(|s| s["status"].clone()), Some(Value::from("ended")));
+}
