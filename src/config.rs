@@ -29,6 +29,9 @@ pub struct Settings {
     pub model: ModelSettings,
     pub engine: EngineSettings,
     pub mqtt: MqttSettings,
+    /// Defaults for every stream's label smoothing; a stream's `smoothing` table overrides.
+    pub smoothing: SmoothingSettings,
+    pub metrics: MetricsSettings,
     pub streams: Vec<StreamSettings>,
 }
 
@@ -65,6 +68,79 @@ pub struct EngineSettings {
     pub top_k: usize,
     /// Publish the k-dimensional PCA embedding with each classification. Default false.
     pub embeddings: bool,
+    /// Most frames, from any streams, run through the model in one call. Default 4; 1 turns
+    /// batching off.
+    pub max_batch: usize,
+    /// Longest a batch waits for more frames after its first frame arrived, milliseconds.
+    /// Default 20; 0 runs whatever is queued at once.
+    pub max_wait_ms: u64,
+    /// Republish each running stream's retained `state` this often even when nothing changed,
+    /// seconds. Default 60; 0 = only on change.
+    pub state_heartbeat_s: u64,
+    /// `every`: one `classification` message per classified frame (default). `on_change`: only
+    /// when the stream's smoothed label changes (`seq` still counts every classified frame).
+    pub classifications: Classifications,
+}
+
+/// Which classified frames get a `classification` message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Classifications {
+    Every,
+    OnChange,
+}
+
+/// How a stream's retained label follows the per-frame labels. Every key is optional in a
+/// stream's `smoothing` table; what is absent comes from the `[smoothing]` section.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SmoothingSettings {
+    /// `none` (the label of the latest frame), `majority` (the most frequent label of the last
+    /// `window` frames) or `ema` (exponential moving average of each label's score, with
+    /// hysteresis). Default `none`.
+    pub method: SmoothingMethod,
+    /// majority: frames voting, 1–1000. Default 5.
+    pub window: usize,
+    /// ema: weight of the newest frame, in (0, 1]. Default 0.3.
+    pub alpha: f64,
+    /// ema: a label takes over once its average reaches this score, in (0, 1]. Default 0.6.
+    pub enter: f64,
+    /// ema: the current label is given up when its average falls below this score, in
+    /// [0, `enter`]. Default 0.4.
+    pub leave: f64,
+    /// A new label must hold this long (capture time) before the state changes, seconds.
+    /// Default 0.
+    pub min_dwell_s: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SmoothingMethod {
+    None,
+    Majority,
+    Ema,
+}
+
+/// A stream's `smoothing` table: any subset of the `[smoothing]` keys.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SmoothingOverride {
+    pub method: Option<SmoothingMethod>,
+    pub window: Option<usize>,
+    pub alpha: Option<f64>,
+    pub enter: Option<f64>,
+    pub leave: Option<f64>,
+    pub min_dwell_s: Option<f64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MetricsSettings {
+    /// Seconds between messages on the `<prefix>/<device>/stats` topic. Default 10; 0 = off.
+    pub stats_interval_s: u64,
+    /// Address of the Prometheus endpoint (`GET /metrics`), e.g. `127.0.0.1:9464`. Default:
+    /// none (off).
+    pub listen: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -128,6 +204,8 @@ pub struct StreamSettings {
     pub height: Option<u32>,
     /// test: frames to produce before the stream ends; absent means endless.
     pub frames: Option<u64>,
+    /// Label smoothing of this stream; keys absent here come from `[smoothing]`.
+    pub smoothing: Option<SmoothingOverride>,
 }
 
 impl Default for Settings {
@@ -138,6 +216,8 @@ impl Default for Settings {
             model: ModelSettings::default(),
             engine: EngineSettings::default(),
             mqtt: MqttSettings::default(),
+            smoothing: SmoothingSettings::default(),
+            metrics: MetricsSettings::default(),
             streams: Vec::new(),
         }
     }
@@ -157,7 +237,72 @@ impl Default for ModelSettings {
 
 impl Default for EngineSettings {
     fn default() -> Self {
-        EngineSettings { queue: 8, top_k: 3, embeddings: false }
+        EngineSettings {
+            queue: 8,
+            top_k: 3,
+            embeddings: false,
+            max_batch: 4,
+            max_wait_ms: 20,
+            state_heartbeat_s: 60,
+            classifications: Classifications::Every,
+        }
+    }
+}
+
+impl Default for SmoothingSettings {
+    fn default() -> Self {
+        SmoothingSettings {
+            method: SmoothingMethod::None,
+            window: 5,
+            alpha: 0.3,
+            enter: 0.6,
+            leave: 0.4,
+            min_dwell_s: 0.0,
+        }
+    }
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        MetricsSettings { stats_interval_s: 10, listen: None }
+    }
+}
+
+impl SmoothingSettings {
+    /// These defaults with a stream's overrides applied.
+    pub fn with(&self, stream: Option<&SmoothingOverride>) -> SmoothingSettings {
+        let Some(over) = stream else { return self.clone() };
+        SmoothingSettings {
+            method: over.method.unwrap_or(self.method),
+            window: over.window.unwrap_or(self.window),
+            alpha: over.alpha.unwrap_or(self.alpha),
+            enter: over.enter.unwrap_or(self.enter),
+            leave: over.leave.unwrap_or(self.leave),
+            min_dwell_s: over.min_dwell_s.unwrap_or(self.min_dwell_s),
+        }
+    }
+
+    /// Every problem, as (key below the section, message).
+    fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut problems = Vec::new();
+        if !(1..=1000).contains(&self.window) {
+            problems.push(("window", format!("{} is not in 1–1000", self.window)));
+        }
+        let unit = |value: f64| value.is_finite() && value > 0.0 && value <= 1.0;
+        if !unit(self.alpha) {
+            problems.push(("alpha", format!("{} is not in (0, 1]", self.alpha)));
+        }
+        if !unit(self.enter) {
+            problems.push(("enter", format!("{} is not in (0, 1]", self.enter)));
+        }
+        if !(self.leave.is_finite() && self.leave >= 0.0 && self.leave <= self.enter) {
+            problems
+                .push(("leave", format!("{} is not in [0, enter = {}]", self.leave, self.enter)));
+        }
+        if !(self.min_dwell_s.is_finite() && (0.0..=86_400.0).contains(&self.min_dwell_s)) {
+            problems.push(("min_dwell_s", format!("{} is not in 0–86400", self.min_dwell_s)));
+        }
+        problems
     }
 }
 
@@ -369,6 +514,12 @@ impl Settings {
         if let Some(value) = section(raw, "mqtt", &mut failed, &mut problems) {
             settings.mqtt = value;
         }
+        if let Some(value) = section(raw, "smoothing", &mut failed, &mut problems) {
+            settings.smoothing = value;
+        }
+        if let Some(value) = section(raw, "metrics", &mut failed, &mut problems) {
+            settings.metrics = value;
+        }
         if let Some(value) = section(raw, "streams", &mut failed, &mut problems) {
             settings.streams = value;
         } else if failed.iter().any(|key| key == "streams") {
@@ -437,6 +588,9 @@ impl Settings {
         if self.streams.is_empty() {
             problem("streams", "at least one [[streams]] entry is needed".into());
         }
+        for found in self.engine_problems() {
+            problem(&found.key, found.message);
+        }
         for (index, stream) in self.streams.iter().enumerate() {
             for (key, message) in stream.problems() {
                 problem(&format!("streams[{index}].{key}"), message);
@@ -448,6 +602,50 @@ impl Settings {
                     format!("{:?} is used twice", stream.name),
                 );
             }
+        }
+        problems
+    }
+
+    /// Batching, smoothing and metrics keys (engine issue 5): `engine.max_batch`,
+    /// `engine.max_wait_ms`, `[smoothing]`, each stream's `smoothing` table and `[metrics]`.
+    fn engine_problems(&self) -> Vec<Problem> {
+        let mut problems = Vec::new();
+        let mut problem = |key: String, message: String| problems.push(Problem { key, message });
+        if !(1..=64).contains(&self.engine.max_batch) {
+            problem("engine.max_batch".into(), format!("{} is not in 1–64", self.engine.max_batch));
+        }
+        if self.engine.max_wait_ms > 10_000 {
+            let message = format!("{} ms is more than 10000", self.engine.max_wait_ms);
+            problem("engine.max_wait_ms".into(), message);
+        }
+        for (key, message) in self.smoothing.problems() {
+            problem(format!("smoothing.{key}"), message);
+        }
+        for (index, stream) in self.streams.iter().enumerate() {
+            if let Some(over) = &stream.smoothing {
+                let merged = self.smoothing.with(Some(over));
+                // Only what this table sets: a bad default is reported once, under `smoothing`.
+                let set = |key: &str| match key {
+                    "window" => over.window.is_some(),
+                    "alpha" => over.alpha.is_some(),
+                    "enter" => over.enter.is_some(),
+                    "leave" => over.leave.is_some() || over.enter.is_some(),
+                    _ => over.min_dwell_s.is_some(),
+                };
+                for (key, message) in merged.problems().into_iter().filter(|(key, _)| set(key)) {
+                    problem(format!("streams[{index}].smoothing.{key}"), message);
+                }
+            }
+        }
+        if let Some(listen) = &self.metrics.listen
+            && listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            let message = format!("{listen:?} is not an address:port such as 127.0.0.1:9464");
+            problem("metrics.listen".into(), message);
+        }
+        if self.metrics.stats_interval_s > 86_400 {
+            let message = format!("{} is more than 86400", self.metrics.stats_interval_s);
+            problem("metrics.stats_interval_s".into(), message);
         }
         problems
     }
@@ -701,5 +899,46 @@ mod tests {
     fn demo_settings_are_valid() {
         let settings = Settings::demo(Path::new("/tmp/edgesight-test"));
         assert!(settings.validate().is_empty(), "{:?}", settings.validate());
+    }
+
+    #[test]
+    fn batching_smoothing_and_metrics_keys_are_read_and_checked() {
+        let text = format!(
+            "{GOOD}\nsmoothing = {{ window = 9 }}\n\
+             [engine]\nmax_batch = 8\nclassifications = \"on_change\"\n\
+             [smoothing]\nmethod = \"ema\"\nalpha = 0.5\n\
+             [metrics]\nlisten = \"127.0.0.1:9464\"\n"
+        );
+        let settings = Settings::from_toml_str(&text, "ok.toml").unwrap();
+        assert_eq!(settings.engine.max_batch, 8);
+        assert_eq!(settings.engine.classifications, Classifications::OnChange);
+        let door = settings.smoothing.with(settings.streams[0].smoothing.as_ref());
+        assert_eq!((door.method, door.alpha, door.window), (SmoothingMethod::Ema, 0.5, 9));
+
+        let text = format!(
+            "{GOOD}\nsmoothing = {{ method = \"majority\", window = 0 }}\n\
+             [engine]\nmax_batch = 0\n[smoothing]\nalpha = 0\nleave = 0.9\n\
+             [metrics]\nlisten = \"everywhere\"\n"
+        );
+        let error = Settings::from_toml_str(&text, "bad.toml").unwrap_err();
+        let keys: Vec<&str> = error.problems.iter().map(|p| p.key.as_str()).collect();
+        for key in [
+            "engine.max_batch",
+            "smoothing.alpha",
+            "smoothing.leave",
+            "metrics.listen",
+            "streams[0].smoothing.window",
+        ] {
+            assert!(keys.contains(&key), "{key} missing from {keys:?}");
+        }
+        assert!(!keys.contains(&"streams[0].smoothing.alpha"), "a bad default is named once");
+    }
+
+    #[test]
+    fn an_unknown_smoothing_method_is_named() {
+        let text = format!("{GOOD}\nsmoothing = {{ method = \"median\" }}\n");
+        let error = Settings::from_toml_str(&text, "bad.toml").unwrap_err();
+        assert!(error.problems[0].key.starts_with("streams"), "{error}");
+        assert!(error.to_string().contains("median"), "{error}");
     }
 }

@@ -4,9 +4,10 @@
 //! settings ask for it), publisher, engine thread, then one source per stream. A stream that
 //! cannot start is reported on its retained state topic and the others go on. Shutdown, on the
 //! end of every stream or on SIGINT/SIGTERM: sources stop and send their last event, the
-//! engine drains its queue, the publisher flushes QoS ≥ 1 messages, publishes `offline` and
-//! disconnects. Under systemd, [`notify`] tells the manager about each step and [`health`]
-//! feeds the watchdog while the engine makes progress.
+//! engine drains its queue, the stats task sends its last message and the metrics endpoint
+//! closes, the publisher flushes QoS ≥ 1 messages, publishes `offline` and disconnects. Under
+//! systemd, [`notify`] tells the manager about each step and [`health`] feeds the watchdog while
+//! the engine makes progress.
 
 pub mod health;
 pub mod notify;
@@ -21,7 +22,8 @@ use tracing::{error, info, warn};
 
 use crate::config::Settings;
 use crate::engine::{Engine, EngineOptions, EngineSummary};
-use crate::metrics::Metrics;
+use crate::metrics::server::MetricsServer;
+use crate::metrics::{Metrics, stats};
 use crate::model::{self, Bundle, ModelError, SynthOptions};
 use crate::publish::{Publisher, broker};
 use crate::source::{self, SourceEvent};
@@ -36,6 +38,8 @@ pub enum ServiceError {
     Publish(#[from] crate::publish::PublishError),
     #[error("cannot start the engine thread: {0}")]
     Thread(std::io::Error),
+    #[error("metrics.listen = {listen:?}: cannot listen: {source}")]
+    MetricsListen { listen: String, source: std::io::Error },
 }
 
 /// How a run ended.
@@ -111,15 +115,22 @@ pub async fn run(settings: Settings) -> Result<RunOutcome, ServiceError> {
     };
     let Started { bundle, backend, broker: _broker, publisher } = started;
     let out = publisher.sender();
+    let metrics_server = match &settings.metrics.listen {
+        None => None,
+        Some(listen) => Some(
+            MetricsServer::start(listen, Arc::clone(&metrics))
+                .await
+                .map_err(|source| ServiceError::MetricsListen { listen: listen.clone(), source })?,
+        ),
+    };
+    let stats_task = (settings.metrics.stats_interval_s > 0).then(|| {
+        let every = std::time::Duration::from_secs(settings.metrics.stats_interval_s);
+        stats::spawn(Arc::clone(&metrics), every, &settings.device_id, &run_id, out.clone())
+    });
 
     let (events_tx, events_rx) = crossbeam_channel::bounded(settings.engine.queue);
-    let options = EngineOptions {
-        device: settings.device_id.clone(),
-        run_id: run_id.clone(),
-        top_k: settings.engine.top_k,
-        embeddings: settings.engine.embeddings,
-    };
-    let engine = Engine::new(backend, &bundle, options);
+    let options = EngineOptions::from_settings(&settings, &run_id);
+    let engine = Engine::new(backend, &bundle, options, Arc::clone(&metrics));
     let engine_out = out.clone();
     let (done_tx, mut done_rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
@@ -176,6 +187,13 @@ pub async fn run(settings: Settings) -> Result<RunOutcome, ServiceError> {
         warn!("a source thread panicked while stopping");
     }
 
+    // The last stats message carries the run's totals; then nothing but `finish` publishes.
+    if let Some(stats_task) = stats_task {
+        stats_task.stop().await;
+    }
+    if let Some(server) = metrics_server {
+        server.stop();
+    }
     drop(out);
     let report = publisher.finish().await?;
     info!(

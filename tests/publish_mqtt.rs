@@ -63,6 +63,8 @@ fn state(device: &str, stream: &str) -> StreamState {
         score: Some(0.75),
         since: Some(rfc3339_ms(SystemTime::now())),
         seq: Some(49),
+        raw_label: None,
+        raw_score: None,
         error: None,
         updated_at: rfc3339_ms(SystemTime::now()),
     }

@@ -25,6 +25,8 @@ pub use topics::Topics;
 pub enum Message {
     Classification(payload::Classification),
     State(payload::StreamState),
+    /// Periodic statistics, `<prefix>/<device>/stats`, QoS 0, not retained.
+    Stats(payload::Stats),
 }
 
 /// Everything that can go wrong while publishing or running the embedded broker. Each variant

@@ -579,6 +579,9 @@ async fn send(
             let topic = topics.state(&state.stream);
             (topic, QoS::AtLeastOnce, true, state.stream.as_str(), serde_json::to_vec(state))
         }
+        Message::Stats(stats) => {
+            (topics.stats(), QoS::AtMostOnce, false, "", serde_json::to_vec(stats))
+        }
     };
     let payload =
         payload.map_err(|source| PublishError::Encode { topic: topic.clone(), source })?;

@@ -67,7 +67,8 @@ pub struct StreamState {
     pub run_id: String,
     /// `running`, `ended` or `failed`.
     pub status: String,
-    /// The current label; absent before the first classification.
+    /// The current smoothed label; absent before the first classification, and while the
+    /// smoothing holds no label (ema below its thresholds, or the first label's dwell time).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub label: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -75,13 +76,91 @@ pub struct StreamState {
     /// When `label` last changed, RFC 3339.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub since: Option<String>,
-    /// `seq` of the classification this state reflects.
+    /// `seq` of the latest classified frame (with `engine.classifications = "on_change"`
+    /// that frame's classification may not have been published).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub seq: Option<u64>,
+    /// The top-1 label and score of the latest frame, before smoothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw_label: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub raw_score: Option<f32>,
     /// Why the stream failed, for `status = "failed"`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub updated_at: String,
+}
+
+/// `<prefix>/<device>/stats` (QoS 0, not retained): counters over the last interval.
+/// `schema/stats.schema.json` describes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Stats {
+    pub schema: u32,
+    pub device: String,
+    pub run_id: String,
+    /// When the figures were taken, RFC 3339.
+    pub at: String,
+    /// Seconds the rates were measured over (since the previous message or the start).
+    pub interval_s: f64,
+    pub uptime_s: f64,
+    /// Per stream, by name.
+    pub streams: std::collections::BTreeMap<String, StreamStats>,
+    pub engine: EngineStats,
+    pub publish: PublishStats,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamStats {
+    /// The source's state (`online`, `reconnecting`, `failed`, `ended`; `unknown` before the
+    /// source reported one).
+    pub status: String,
+    /// Sampled frames per second over the interval.
+    pub fps_in: f64,
+    /// Classified frames per second over the interval.
+    pub fps_out: f64,
+    /// Totals since the start.
+    pub decoded: u64,
+    pub sampled: u64,
+    pub classified: u64,
+    pub dropped: u64,
+    pub reconnects: u64,
+    /// Percentiles of the recent frames (up to 512), milliseconds.
+    pub inference_ms: Percentiles,
+    pub capture_to_publish_ms: Percentiles,
+}
+
+/// p50, p90, p99 in milliseconds; absent before the first sample.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+pub struct Percentiles {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p50: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p90: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub p99: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EngineStats {
+    /// Frames waiting for inference when the figures were taken.
+    pub queue_depth: u64,
+    /// Totals since the start.
+    pub batches: u64,
+    pub batched_frames: u64,
+    /// Mean frames per backend call over the interval; absent when no batch ran.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub batch_mean: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PublishStats {
+    pub connected: bool,
+    pub spool_depth: u64,
+    pub spool_bytes: u64,
+    /// Totals since the start.
+    pub spool_overflow: u64,
+    pub replayed: u64,
+    pub failures: u64,
 }
 
 /// UTC time as RFC 3339 with milliseconds, e.g. `2026-12-04T17:07:18.123Z`.

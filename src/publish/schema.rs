@@ -14,6 +14,9 @@ pub const CLASSIFICATION: &str = include_str!("../../schema/classification.schem
 /// `schema/state.schema.json` (JSON Schema draft 2020-12).
 pub const STATE: &str = include_str!("../../schema/state.schema.json");
 
+/// `schema/stats.schema.json` (JSON Schema draft 2020-12).
+pub const STATS: &str = include_str!("../../schema/stats.schema.json");
+
 #[cfg(test)]
 mod tests {
     use std::time::{Duration, UNIX_EPOCH};
@@ -22,7 +25,8 @@ mod tests {
 
     use super::*;
     use crate::publish::payload::{
-        Classification, LabelScore, Latency, ModelRef, SCHEMA_VERSION, StreamState, rfc3339_ms,
+        Classification, EngineStats, LabelScore, Latency, ModelRef, Percentiles, PublishStats,
+        SCHEMA_VERSION, Stats, StreamState, StreamStats, rfc3339_ms,
     };
 
     fn validator(schema: &str) -> jsonschema::Validator {
@@ -73,6 +77,8 @@ mod tests {
             score: Some(0.8),
             since: Some(rfc3339_ms(UNIX_EPOCH)),
             seq: Some(3),
+            raw_label: Some("cat".into()),
+            raw_score: Some(0.55),
             error: None,
             updated_at: rfc3339_ms(UNIX_EPOCH + Duration::from_secs(5)),
         }
@@ -139,5 +145,59 @@ mod tests {
         let mut missing = serde_json::to_value(state()).unwrap();
         missing.as_object_mut().unwrap().remove("updated_at");
         assert!(!validator.is_valid(&missing));
+    }
+
+    fn stats() -> Stats {
+        let stream = StreamStats {
+            status: "online".into(),
+            fps_in: 2.0,
+            fps_out: 1.9,
+            decoded: 300,
+            sampled: 20,
+            classified: 19,
+            dropped: 1,
+            reconnects: 0,
+            inference_ms: Percentiles { p50: Some(40.0), p90: Some(55.5), p99: Some(80.0) },
+            capture_to_publish_ms: Percentiles::default(),
+        };
+        Stats {
+            schema: SCHEMA_VERSION,
+            device: "box-1".into(),
+            run_id: "run".into(),
+            at: rfc3339_ms(UNIX_EPOCH),
+            interval_s: 10.0,
+            uptime_s: 31.5,
+            streams: [("door".to_string(), stream)].into(),
+            engine: EngineStats {
+                queue_depth: 2,
+                batches: 7,
+                batched_frames: 19,
+                batch_mean: Some(2.7),
+            },
+            publish: PublishStats {
+                connected: true,
+                spool_depth: 0,
+                spool_bytes: 0,
+                spool_overflow: 0,
+                replayed: 0,
+                failures: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn stats_are_valid_and_checked() {
+        let validator = validator(STATS);
+        let value = serde_json::to_value(stats()).unwrap();
+        assert_eq!(errors(&validator, &value), Vec::<String>::new());
+        let mut bad_rate = value.clone();
+        bad_rate["streams"]["door"]["fps_in"] = json!(-1.0);
+        let mut missing = value.clone();
+        missing["engine"].as_object_mut().unwrap().remove("queue_depth");
+        let mut extra = value;
+        extra["publish"]["colour"] = json!(1);
+        for value in [bad_rate, missing, extra] {
+            assert!(!validator.is_valid(&value), "accepted {value}");
+        }
     }
 }

@@ -5,11 +5,18 @@
 //! and its latencies; the publisher counts the spool and failed publishes. Everything is an
 //! atomic or a short critical section, so updating a counter never blocks a streaming thread
 //! for longer than a few nanoseconds. Readers take a [`Snapshot`]-style copy when they report.
+//!
+//! Readers: [`stats`] builds the periodic `stats` payload, [`prometheus`] renders the text
+//! exposition format and [`server`] serves it on `metrics.listen`.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
+
+pub mod prometheus;
+pub mod server;
+pub mod stats;
 
 /// Upper bounds of the latency histogram buckets, milliseconds. The last bucket is +Inf.
 pub const LATENCY_BUCKETS_MS: [f64; 14] = [
