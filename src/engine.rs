@@ -259,6 +259,7 @@ impl Engine {
             latency_ms: latency,
             model: self.model.clone(),
             embedding: self.options.embeddings.then_some(prediction.embedding),
+            replayed: false,
         };
         let mut messages = vec![Message::Classification(classification)];
         if recorded.changed {
@@ -284,6 +285,7 @@ impl Engine {
             seq: self.book.count(stream).checked_sub(1),
             error,
             updated_at: rfc3339_ms(SystemTime::now()),
+            replayed: false,
         }
     }
 }

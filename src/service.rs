@@ -15,6 +15,7 @@ use tracing::{error, info, warn};
 
 use crate::config::Settings;
 use crate::engine::{Engine, EngineOptions, EngineSummary};
+use crate::metrics::Metrics;
 use crate::model::{self, Bundle, ModelError, SynthOptions};
 use crate::publish::{Publisher, broker};
 use crate::source::{self, SourceEvent};
@@ -36,7 +37,7 @@ pub struct RunOutcome {
     pub summary: EngineSummary,
     /// A signal asked for the stop (as opposed to every stream ending).
     pub interrupted: bool,
-    /// QoS ≥ 1 messages the broker never acknowledged before the flush timeout.
+    /// QoS ≥ 1 messages lost at shutdown (neither acknowledged nor kept in the spool).
     pub unacknowledged: u64,
 }
 
@@ -75,11 +76,12 @@ pub async fn run(settings: Settings) -> Result<RunOutcome, ServiceError> {
     // Installed first, so that a signal during start-up (the model takes seconds to load) is
     // a clean stop rather than the default action that kills the process.
     let mut signals = Signals::install();
+    let metrics = crate::metrics::Metrics::new();
     let run_id = uuid::Uuid::new_v4().to_string();
     info!(device = %settings.device_id, %run_id, streams = settings.streams.len(), "starting");
 
     let started = tokio::select! {
-        started = start(&settings) => started?,
+        started = start(&settings, &metrics) => started?,
         signal = signals.recv() => {
             info!(%signal, "stopping during start-up");
             let summary = EngineSummary::default();
@@ -154,10 +156,12 @@ pub async fn run(settings: Settings) -> Result<RunOutcome, ServiceError> {
     info!(
         ended = summary.ended.len(),
         failed = summary.failed.len(),
-        unacknowledged = report.unacknowledged,
+        lost = report.unacknowledged + report.dropped,
+        spooled = report.spooled,
         "stopped"
     );
-    Ok(RunOutcome { summary, interrupted, unacknowledged: report.unacknowledged })
+    let unacknowledged = report.unacknowledged + report.dropped;
+    Ok(RunOutcome { summary, interrupted, unacknowledged })
 }
 
 /// What start-up builds: the model, the embedded broker when one runs (held for the whole run:
@@ -169,7 +173,7 @@ struct Started {
     publisher: Publisher,
 }
 
-async fn start(settings: &Settings) -> Result<Started, ServiceError> {
+async fn start(settings: &Settings, metrics: &Arc<Metrics>) -> Result<Started, ServiceError> {
     let path = settings.model.path.clone();
     let synth = settings.model.synth_if_missing;
     let threads = settings.model.threads;
@@ -184,7 +188,7 @@ async fn start(settings: &Settings) -> Result<Started, ServiceError> {
     let (bundle, backend) = loaded?;
     info!(model = %bundle.identity.name, version = %bundle.identity.version, "model loaded");
     let broker = broker::resolve_broker(&settings.mqtt).await?;
-    let publisher = Publisher::start(settings).await?;
+    let publisher = Publisher::start(settings, Arc::clone(metrics)).await?;
     Ok(Started { bundle, backend, broker, publisher })
 }
 
