@@ -169,6 +169,29 @@ pub struct MqttSettings {
     pub embedded: Embedded,
     /// Print every message published to standard output. Default false; the demo turns it on.
     pub echo: bool,
+    /// Directory of the on-disk spool, where QoS ≥ 1 messages wait while the broker is
+    /// unreachable. Default: `$STATE_DIRECTORY/spool` when that variable is set (systemd's
+    /// `StateDirectory=`), else `<cache dir>/spool/<client_id>`.
+    pub spool_dir: Option<PathBuf>,
+    /// Bound of the spool, MiB of messages; beyond it the oldest are dropped (counted and
+    /// logged at ERROR). Default 64, minimum 1.
+    pub spool_max_mb: u64,
+    /// TLS to the broker; absent means plain TCP.
+    pub tls: Option<TlsSettings>,
+}
+
+/// `[mqtt.tls]`: TLS to the broker, verified against a CA of the operator's choice.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct TlsSettings {
+    /// PEM file of the CA certificate(s) that signed the broker's certificate. Required.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate (chain) and its private key, for brokers that ask for one; both
+    /// or neither. Default none.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// Name checked in the broker's certificate instead of `mqtt.host`. Default: `mqtt.host`.
+    pub server_name: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -320,6 +343,9 @@ impl Default for MqttSettings {
             flush_timeout_s: 10,
             embedded: Embedded::Never,
             echo: false,
+            spool_dir: None,
+            spool_max_mb: 64,
+            tls: None,
         }
     }
 }
@@ -585,6 +611,7 @@ impl Settings {
         if self.mqtt.keep_alive_s < 5 {
             problem("mqtt.keep_alive_s", "must be at least 5 seconds".into());
         }
+        self.validate_publisher(&mut problem);
         if self.streams.is_empty() {
             problem("streams", "at least one [[streams]] entry is needed".into());
         }
@@ -648,6 +675,41 @@ impl Settings {
             problem("metrics.stats_interval_s".into(), message);
         }
         problems
+    }
+
+    /// The spool and TLS keys of `[mqtt]`.
+    fn validate_publisher(&self, problem: &mut impl FnMut(&str, String)) {
+        let mqtt = &self.mqtt;
+        if mqtt.spool_max_mb == 0 {
+            problem("mqtt.spool_max_mb", "must be at least 1 (MiB)".into());
+        }
+        if mqtt.spool_dir.as_ref().is_some_and(|dir| dir.as_os_str().is_empty()) {
+            problem("mqtt.spool_dir", "must not be empty; leave it out for the default".into());
+        }
+        let Some(tls) = &mqtt.tls else { return };
+        if tls.ca_file.is_none() {
+            problem("mqtt.tls.ca_file", "required when [mqtt.tls] is present".into());
+        }
+        if tls.cert_file.is_some() != tls.key_file.is_some() {
+            problem("mqtt.tls.key_file", "cert_file and key_file go together".into());
+        }
+        if tls.server_name.as_ref().is_some_and(|name| name.trim().is_empty()) {
+            problem("mqtt.tls.server_name", "must not be empty; leave it out for mqtt.host".into());
+        }
+    }
+
+    /// The spool directory: `mqtt.spool_dir`, else `$STATE_DIRECTORY/spool` (systemd), else
+    /// `<cache dir>/spool/<client_id>`.
+    pub fn spool_dir(&self, cache_dir: &Path) -> PathBuf {
+        if let Some(dir) = &self.mqtt.spool_dir {
+            return dir.clone();
+        }
+        // systemd may pass several directories separated by colons; the first is ours.
+        let state = std::env::var_os("STATE_DIRECTORY").filter(|dir| !dir.is_empty());
+        if let Some(first) = state.as_ref().and_then(|dirs| std::env::split_paths(dirs).next()) {
+            return first.join("spool");
+        }
+        cache_dir.join("spool").join(self.client_id())
     }
 
     /// The `client_id` to use: configured, or `edgesight-<device_id>`.
@@ -754,7 +816,8 @@ fn tidy_key(key: &str) -> String {
     let key = key.replace("]", "].").replace("].[", "][").replace("]..", "].");
     let key = key.strip_suffix('.').unwrap_or(&key);
     let mut out = String::new();
-    for part in key.split('.') {
+    // serde_ignored writes `?` for the inside of an Option (e.g. `mqtt.tls.?.colour`).
+    for part in key.split('.').filter(|part| *part != "?") {
         if !out.is_empty() && part.bytes().all(|b| b.is_ascii_digit()) {
             out.push_str(&format!("[{part}]"));
         } else {
@@ -804,6 +867,41 @@ mod tests {
         assert_eq!(settings.mqtt.host, "127.0.0.1");
         assert_eq!(settings.streams[0].fps(), 2.0);
         assert_eq!(settings.client_id(), "edgesight-box-1");
+    }
+
+    #[test]
+    fn reads_and_checks_the_spool_and_tls_keys() {
+        let text = GOOD.replace(
+            "port = 1884",
+            "port = 1884\nspool_dir = \"/var/spool/es\"\nspool_max_mb = 8\n\
+             [mqtt.tls]\nca_file = \"ca.pem\"\nserver_name = \"broker.lan\"",
+        );
+        let settings = Settings::from_toml_str(&text, "tls.toml").unwrap();
+        assert_eq!(settings.mqtt.spool_max_mb, 8);
+        let tls = settings.mqtt.tls.clone().unwrap();
+        assert_eq!(tls.ca_file, Some(PathBuf::from("ca.pem")));
+        assert_eq!(settings.spool_dir(Path::new("/cache")), PathBuf::from("/var/spool/es"));
+
+        let text = GOOD.replace(
+            "port = 1884",
+            "port = 1884\nspool_max_mb = 0\n[mqtt.tls]\ncert_file = \"c.pem\"\ncolour = 1",
+        );
+        let error = Settings::from_toml_str(&text, "bad.toml").unwrap_err();
+        let keys: Vec<&str> = error.problems.iter().map(|p| p.key.as_str()).collect();
+        for key in ["mqtt.spool_max_mb", "mqtt.tls.ca_file", "mqtt.tls.key_file", "mqtt.tls.colour"]
+        {
+            assert!(keys.contains(&key), "{key} missing from {keys:?}");
+        }
+    }
+
+    #[test]
+    fn the_default_spool_dir_follows_the_client_id() {
+        let settings = Settings { device_id: "box-7".into(), ..Settings::default() };
+        // STATE_DIRECTORY is unset under `cargo test` unless systemd runs it.
+        if std::env::var_os("STATE_DIRECTORY").is_none() {
+            let dir = settings.spool_dir(Path::new("/cache"));
+            assert_eq!(dir, PathBuf::from("/cache/spool/edgesight-box-7"));
+        }
     }
 
     #[test]

@@ -48,7 +48,7 @@ pub struct RunOutcome {
     pub summary: EngineSummary,
     /// A signal asked for the stop (as opposed to every stream ending).
     pub interrupted: bool,
-    /// QoS ≥ 1 messages the broker never acknowledged before the flush timeout.
+    /// QoS ≥ 1 messages lost at shutdown (neither acknowledged nor kept in the spool).
     pub unacknowledged: u64,
 }
 
@@ -99,7 +99,7 @@ pub async fn run(settings: Settings) -> Result<RunOutcome, ServiceError> {
     // Loading (or first generating) a model can outlast TimeoutStartSec= on a small board; ask
     // systemd for more time while it goes on.
     let mut extend = tokio::time::interval(START_EXTEND_EVERY);
-    let starting = start(&settings);
+    let starting = start(&settings, &metrics);
     tokio::pin!(starting);
     let started = loop {
         tokio::select! {
@@ -199,10 +199,12 @@ pub async fn run(settings: Settings) -> Result<RunOutcome, ServiceError> {
     info!(
         ended = summary.ended.len(),
         failed = summary.failed.len(),
-        unacknowledged = report.unacknowledged,
+        lost = report.unacknowledged + report.dropped,
+        spooled = report.spooled,
         "stopped"
     );
-    Ok(RunOutcome { summary, interrupted, unacknowledged: report.unacknowledged })
+    let unacknowledged = report.unacknowledged + report.dropped;
+    Ok(RunOutcome { summary, interrupted, unacknowledged })
 }
 
 /// What start-up builds: the model, the embedded broker when one runs (held for the whole run:
@@ -214,7 +216,7 @@ struct Started {
     publisher: Publisher,
 }
 
-async fn start(settings: &Settings) -> Result<Started, ServiceError> {
+async fn start(settings: &Settings, metrics: &Arc<Metrics>) -> Result<Started, ServiceError> {
     let path = settings.model.path.clone();
     let synth = settings.model.synth_if_missing;
     let threads = settings.model.threads;
@@ -229,7 +231,7 @@ async fn start(settings: &Settings) -> Result<Started, ServiceError> {
     let (bundle, backend) = loaded?;
     info!(model = %bundle.identity.name, version = %bundle.identity.version, "model loaded");
     let broker = broker::resolve_broker(&settings.mqtt).await?;
-    let publisher = Publisher::start(settings).await?;
+    let publisher = Publisher::start(settings, Arc::clone(metrics)).await?;
     Ok(Started { bundle, backend, broker, publisher })
 }
 

@@ -72,10 +72,12 @@ threads = 1
 [mqtt]
 port = {port}
 prefix = "test"
+spool_dir = "{spool}"
 [[streams]]
 {streams}
 "#,
-        model = test_bundle().display()
+        model = test_bundle().display(),
+        spool = dir.join("spool").display()
     );
     let path = dir.join("edgesight.toml");
     std::fs::write(&path, text).expect("config written");

@@ -6,11 +6,13 @@
 
 mod common;
 
+use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::Subscriber;
 use common::mosquitto::{Mosquitto, free_port};
 use edgesight::config::Settings;
+use edgesight::metrics::Metrics;
 use edgesight::publish::payload::{
     Classification, LabelScore, Latency, ModelRef, SCHEMA_VERSION, StreamState, rfc3339_ms,
 };
@@ -20,8 +22,10 @@ use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(5);
 
-fn settings(port: u16, device: &str) -> Settings {
+/// Settings for a private broker; each test's spool lives in its own temporary directory.
+fn settings(port: u16, device: &str, spool: &Path) -> Settings {
     let mut settings = Settings { device_id: device.into(), ..Settings::default() };
+    settings.mqtt.spool_dir = Some(spool.to_path_buf());
     settings.mqtt.host = "127.0.0.1".into();
     settings.mqtt.port = port;
     settings.mqtt.prefix = "edgesight-test".into();
@@ -49,6 +53,7 @@ fn classification(device: &str, stream: &str, seq: u64) -> Classification {
         latency_ms: Latency { queue: 0.5, preprocess: 1.0, backbone: 30.0, head: 2.0, total: 34.0 },
         model: ModelRef { name: "synth".into(), version: "1".into(), checksum: "00ff".into() },
         embedding: None,
+        replayed: false,
     }
 }
 
@@ -67,6 +72,7 @@ fn state(device: &str, stream: &str) -> StreamState {
         raw_score: None,
         error: None,
         updated_at: rfc3339_ms(SystemTime::now()),
+        replayed: false,
     }
 }
 
@@ -88,11 +94,14 @@ async fn retained(port: u16, topic: &str) -> Option<(String, bool)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn publishes_status_classifications_and_state_then_offline() {
+    let spool = tempfile::tempdir().expect("spool dir");
     let broker = Mosquitto::start();
     let topics = Topics::new("edgesight-test", "box-1");
     let mut watcher = Subscriber::connect(broker.port, "watcher", &topics.all()).await;
 
-    let publisher = Publisher::start(&settings(broker.port, "box-1")).await.expect("start");
+    let publisher = Publisher::start(&settings(broker.port, "box-1", spool.path()), Metrics::new())
+        .await
+        .expect("start");
     let online = watcher.expect(&topics.status(), WAIT).await;
     assert_eq!(&online.payload[..], b"online");
     assert_eq!(retained(broker.port, &topics.status()).await, Some(("online".into(), true)));
@@ -138,9 +147,12 @@ async fn publishes_status_classifications_and_state_then_offline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn survives_a_broker_restart_and_republishes_online() {
+    let spool = tempfile::tempdir().expect("spool dir");
     let mut broker = Mosquitto::start();
     let topics = Topics::new("edgesight-test", "box-2");
-    let publisher = Publisher::start(&settings(broker.port, "box-2")).await.expect("start");
+    let publisher = Publisher::start(&settings(broker.port, "box-2", spool.path()), Metrics::new())
+        .await
+        .expect("start");
     let sender = publisher.sender();
     sender.send(Message::Classification(classification("box-2", "yard", 0))).await.expect("send");
     let mut watcher = Subscriber::connect(broker.port, "watcher", &topics.all()).await;
@@ -177,11 +189,13 @@ async fn survives_a_broker_restart_and_republishes_online() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn finish_reports_what_a_dead_broker_never_acknowledged() {
+async fn a_dead_broker_at_shutdown_leaves_the_messages_spooled_for_the_next_run() {
+    let spool = tempfile::tempdir().expect("spool dir");
     let mut broker = Mosquitto::start();
-    let mut settings = settings(broker.port, "box-3");
+    let mut settings = settings(broker.port, "box-3", spool.path());
     settings.mqtt.flush_timeout_s = 2;
-    let publisher = Publisher::start(&settings).await.expect("start");
+    let metrics = Metrics::new();
+    let publisher = Publisher::start(&settings, metrics.clone()).await.expect("start");
     broker.kill();
     let sender = publisher.sender();
     for seq in 0..5 {
@@ -196,18 +210,42 @@ async fn finish_reports_what_a_dead_broker_never_acknowledged() {
     let elapsed = started.elapsed();
     eprintln!("finish with the broker gone: {report:?} in {} ms", elapsed.as_millis());
     assert!(elapsed < Duration::from_secs(6), "finish took {elapsed:?}");
-    assert!(!report.is_complete(), "{report:?}");
-    assert!(report.unacknowledged + report.dropped >= 5, "{report:?}");
+    assert!(report.is_complete(), "spooled is not lost: {report:?}");
+    assert_eq!(report.spooled, 5, "{report:?}");
+    assert_eq!(metrics.publish.spool_depth.load(std::sync::atomic::Ordering::Relaxed), 5);
+
+    // The next run, with the broker back, publishes them first, flagged and in order.
+    broker.restart();
+    let topics = Topics::new("edgesight-test", "box-3");
+    let mut watcher = Subscriber::connect(broker.port, "watcher", &topics.all()).await;
+    let metrics = Metrics::new();
+    let publisher = Publisher::start(&settings, metrics.clone()).await.expect("restart");
+    let sender = publisher.sender();
+    sender.send(Message::Classification(classification("box-3", "gate", 5))).await.expect("send");
+    let validator = validator(schema::CLASSIFICATION);
+    for seq in 0..6 {
+        let publish = watcher.expect(&topics.classification("gate"), WAIT).await;
+        let value: Value = serde_json::from_slice(&publish.payload).expect("JSON");
+        assert_eq!(value["seq"], seq, "{value}");
+        assert_eq!(value.get("replayed").and_then(Value::as_bool), (seq < 5).then_some(true));
+        assert!(validator.is_valid(&value), "{value}");
+    }
+    drop(sender);
+    let report = publisher.finish().await.expect("finish");
+    assert_eq!((report.spooled, report.offline_sent), (0, true), "{report:?}");
+    assert_eq!(metrics.publish.replayed.load(std::sync::atomic::Ordering::Relaxed), 5);
+    watcher.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_password_fails_start_with_a_clear_error() {
+    let spool = tempfile::tempdir().expect("spool dir");
     let broker = Mosquitto::start_with_password("edge", "right-password");
-    let mut settings = settings(broker.port, "box-4");
+    let mut settings = settings(broker.port, "box-4", spool.path());
     settings.mqtt.username = Some("edge".into());
     settings.mqtt.password = Some("wrong-password".into());
     let started = Instant::now();
-    let result = Publisher::start(&settings).await;
+    let result = Publisher::start(&settings, Metrics::new()).await;
     let elapsed = started.elapsed();
     let error = match result {
         Ok(_) => panic!("start succeeded with a wrong password"),
@@ -221,12 +259,14 @@ async fn a_wrong_password_fails_start_with_a_clear_error() {
     assert!(elapsed < Duration::from_secs(5), "took {elapsed:?}");
 
     settings.mqtt.password = Some("right-password".into());
-    let publisher = Publisher::start(&settings).await.expect("start with the right password");
+    let publisher =
+        Publisher::start(&settings, Metrics::new()).await.expect("start with the right password");
     assert!(publisher.finish().await.expect("finish").is_complete());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_embedded_broker_carries_publisher_and_subscriber() {
+    let spool = tempfile::tempdir().expect("spool dir");
     let port = free_port();
     let broker = tokio::task::spawn_blocking(move || start_embedded(port))
         .await
@@ -235,7 +275,9 @@ async fn the_embedded_broker_carries_publisher_and_subscriber() {
     assert!(broker.is_running());
     let topics = Topics::new("edgesight-test", "box-5");
     let mut watcher = Subscriber::connect(port, "watcher", &topics.all()).await;
-    let publisher = Publisher::start(&settings(port, "box-5")).await.expect("start");
+    let publisher = Publisher::start(&settings(port, "box-5", spool.path()), Metrics::new())
+        .await
+        .expect("start");
     let online = watcher.expect(&topics.status(), WAIT).await;
     assert_eq!(&online.payload[..], b"online");
 

@@ -605,6 +605,7 @@ impl Engine {
                 latency_ms: latency,
                 model: self.model.clone(),
                 embedding: self.options.embeddings.then_some(prediction.embedding),
+                replayed: false,
             }));
         }
         if recorded.changed {
@@ -630,6 +631,7 @@ impl Engine {
             raw_score: view.raw.map(|(_, score)| score),
             error,
             updated_at: rfc3339_ms(SystemTime::now()),
+            replayed: false,
         }
     }
 }

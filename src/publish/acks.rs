@@ -1,92 +1,101 @@
-//! Bookkeeping of QoS ≥ 1 publishes, so that shutdown can wait until the broker has every
-//! message, and report how many it never acknowledged.
+//! The in-flight window: QoS ≥ 1 publishes handed to the MQTT client and not yet acknowledged,
+//! oldest first, so that a lost connection can put each one back where it belongs.
 //!
-//! The MQTT client reports three things, in its own order: a publish handed to it, a publish
-//! written to the network with its packet id, and a PubAck (QoS 1) or PubComp (QoS 2) for a
-//! packet id. Counting hand-overs against acknowledgements (not network writes) keeps the count
-//! right when the client retransmits after a reconnect, and when it silently drops requests
-//! because the broker started a fresh session. Packet ids are only used to ignore duplicate or
-//! stray acknowledgements and to see what a fresh session threw away. The struct does no I/O.
+//! MQTT 3.1.1 (4.6) has the broker acknowledge QoS 1 publishes in the order it received them
+//! (and complete QoS 2 ones in order too), and the publisher hands publishes over on one
+//! connection in one order, so every acknowledgement the driver forwards (one whose packet id
+//! was written on this connection) retires the oldest flight. When the connection is lost the
+//! window is emptied at once: spooled records go back to the spool (which rewinds), live
+//! messages are written to the spool, and a status publish is simply dropped (the next
+//! connection announces `online` anew). The window is bounded so that the client's request
+//! channel can never fill. The struct does no I/O.
 
-use std::collections::HashSet;
+use std::collections::VecDeque;
 
-/// Counts of what was handed to the MQTT client and what the broker acknowledged.
-#[derive(Debug, Default, Clone)]
-pub struct AckTracker {
-    published: u64,
-    expected: u64,
-    acknowledged: u64,
-    in_flight: HashSet<u16>,
-    lost_with_session: u64,
+/// One publish in flight.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Flight<M> {
+    /// The retained `online`/`offline` status.
+    Status,
+    /// A message handed over straight from the engine.
+    Live(M),
+    /// A record replayed from the spool, by its spool number.
+    Spooled(u64),
 }
 
-impl AckTracker {
-    pub fn new() -> AckTracker {
-        AckTracker::default()
+/// What was in flight when the connection was lost, oldest first.
+#[derive(Debug, Default, PartialEq)]
+pub struct Lost<M> {
+    /// Live messages: they must go to the spool to be sent again.
+    pub live: Vec<M>,
+    /// Spooled records: still in the spool, which rewinds to them.
+    pub spooled: u64,
+    /// Status publishes, not worth repeating.
+    pub status: u64,
+}
+
+/// Publishes handed over and not yet acknowledged, with life-long counts.
+#[derive(Debug)]
+pub struct InFlight<M> {
+    flights: VecDeque<Flight<M>>,
+    capacity: usize,
+    handed: u64,
+    acknowledged: u64,
+}
+
+impl<M> InFlight<M> {
+    /// A window of at most `capacity` flights (at least 1).
+    pub fn new(capacity: usize) -> InFlight<M> {
+        InFlight { flights: VecDeque::new(), capacity: capacity.max(1), handed: 0, acknowledged: 0 }
     }
 
-    /// A publish was handed to the client; `needs_ack` is true for QoS 1 and 2.
-    pub fn handed(&mut self, needs_ack: bool) {
-        self.published += 1;
-        if needs_ack {
-            self.expected += 1;
-        }
+    /// True while another publish may be handed over.
+    pub fn has_room(&self) -> bool {
+        self.flights.len() < self.capacity
     }
 
-    /// The client wrote a publish with packet id `pkid` (0 for QoS 0, which is ignored). A
-    /// retransmission of a packet id still in flight changes nothing.
-    pub fn sent(&mut self, pkid: u16) {
-        if pkid != 0 {
-            self.in_flight.insert(pkid);
-        }
+    /// A QoS ≥ 1 publish was handed to the client.
+    pub fn handed(&mut self, flight: Flight<M>) {
+        self.handed += 1;
+        self.flights.push_back(flight);
     }
 
-    /// The broker acknowledged `pkid` (PubAck or PubComp). Returns false for an id that was not
-    /// in flight (a duplicate or stray acknowledgement), which is not counted.
-    pub fn acknowledged(&mut self, pkid: u16) -> bool {
-        let known = self.in_flight.remove(&pkid);
-        if known {
-            self.acknowledged += 1;
-        }
-        known
+    /// The broker acknowledged the oldest flight; returns it (None for a stray ack).
+    pub fn acknowledged(&mut self) -> Option<Flight<M>> {
+        let flight = self.flights.pop_front()?;
+        self.acknowledged += 1;
+        Some(flight)
     }
 
-    /// A connection was accepted. Without a session present the client discards what was in
-    /// flight, so those publishes will never be acknowledged; returns how many that was.
-    pub fn connected(&mut self, session_present: bool) -> u64 {
-        if session_present {
-            return 0;
+    /// The connection was lost: empties the window.
+    pub fn lost_connection(&mut self) -> Lost<M> {
+        let mut lost = Lost { live: Vec::new(), spooled: 0, status: 0 };
+        for flight in self.flights.drain(..) {
+            match flight {
+                Flight::Status => lost.status += 1,
+                Flight::Live(message) => lost.live.push(message),
+                Flight::Spooled(_) => lost.spooled += 1,
+            }
         }
-        let lost = self.in_flight.len() as u64;
-        self.in_flight.clear();
-        self.lost_with_session += lost;
         lost
     }
 
-    /// Every publish handed to the client, any QoS.
-    pub fn published(&self) -> u64 {
-        self.published
+    pub fn is_empty(&self) -> bool {
+        self.flights.is_empty()
     }
 
-    /// QoS ≥ 1 publishes the broker acknowledged.
+    pub fn len(&self) -> usize {
+        self.flights.len()
+    }
+
+    /// QoS ≥ 1 publishes handed over in the publisher's life, repeats included.
+    pub fn handed_count(&self) -> u64 {
+        self.handed
+    }
+
+    /// Acknowledgements received in the publisher's life.
     pub fn acknowledged_count(&self) -> u64 {
         self.acknowledged
-    }
-
-    /// QoS ≥ 1 publishes handed over and not (yet) acknowledged.
-    pub fn unacknowledged(&self) -> u64 {
-        self.expected.saturating_sub(self.acknowledged)
-    }
-
-    /// Publishes in flight when the broker started a fresh session (they are in
-    /// [`Self::unacknowledged`] too).
-    pub fn lost_with_session(&self) -> u64 {
-        self.lost_with_session
-    }
-
-    /// True when nothing handed over is waiting for an acknowledgement.
-    pub fn settled(&self) -> bool {
-        self.unacknowledged() == 0
     }
 }
 
@@ -95,69 +104,41 @@ mod tests {
     use super::*;
 
     #[test]
-    fn settles_when_every_qos1_publish_is_acknowledged() {
-        let mut tracker = AckTracker::new();
-        tracker.handed(true);
-        tracker.handed(true);
-        tracker.handed(false);
-        tracker.sent(1);
-        tracker.sent(2);
-        tracker.sent(0);
-        assert!(!tracker.settled());
-        assert!(tracker.acknowledged(1));
-        assert_eq!(tracker.unacknowledged(), 1);
-        assert!(tracker.acknowledged(2));
-        assert!(tracker.settled());
-        assert_eq!(tracker.published(), 3);
-        assert_eq!(tracker.acknowledged_count(), 2);
+    fn acknowledgements_retire_flights_oldest_first() {
+        let mut window = InFlight::new(4);
+        window.handed(Flight::Status);
+        window.handed(Flight::Spooled(7));
+        window.handed(Flight::Live("a"));
+        assert_eq!(window.acknowledged(), Some(Flight::Status));
+        assert_eq!(window.acknowledged(), Some(Flight::Spooled(7)));
+        assert_eq!(window.len(), 1);
+        assert_eq!(window.acknowledged(), Some(Flight::Live("a")));
+        assert_eq!(window.acknowledged(), None);
+        assert_eq!((window.handed_count(), window.acknowledged_count()), (3, 3));
     }
 
     #[test]
-    fn ignores_duplicate_and_stray_acknowledgements() {
-        let mut tracker = AckTracker::new();
-        tracker.handed(true);
-        tracker.handed(true);
-        tracker.sent(7);
-        assert!(tracker.acknowledged(7));
-        assert!(!tracker.acknowledged(7));
-        assert!(!tracker.acknowledged(9));
-        assert_eq!(tracker.unacknowledged(), 1);
+    fn is_bounded() {
+        let mut window = InFlight::new(2);
+        window.handed(Flight::Live(1));
+        assert!(window.has_room());
+        window.handed(Flight::Live(2));
+        assert!(!window.has_room());
+        window.acknowledged();
+        assert!(window.has_room());
     }
 
     #[test]
-    fn retransmission_after_a_resumed_session_is_counted_once() {
-        let mut tracker = AckTracker::new();
-        tracker.handed(true);
-        tracker.sent(3);
-        assert_eq!(tracker.connected(true), 0);
-        tracker.sent(3);
-        assert!(tracker.acknowledged(3));
-        assert!(tracker.settled());
-    }
-
-    #[test]
-    fn a_fresh_session_loses_what_was_in_flight() {
-        let mut tracker = AckTracker::new();
-        for pkid in 1..=3 {
-            tracker.handed(true);
-            tracker.sent(pkid);
-        }
-        assert!(tracker.acknowledged(1));
-        assert_eq!(tracker.connected(false), 2);
-        assert_eq!(tracker.lost_with_session(), 2);
-        assert_eq!(tracker.unacknowledged(), 2);
-        // The client reuses packet ids in the new session; a new publish is tracked normally.
-        tracker.handed(true);
-        tracker.sent(2);
-        assert!(tracker.acknowledged(2));
-        assert_eq!(tracker.unacknowledged(), 2);
-    }
-
-    #[test]
-    fn a_publish_dropped_before_reaching_the_network_stays_unacknowledged() {
-        let mut tracker = AckTracker::new();
-        tracker.handed(true);
-        assert_eq!(tracker.connected(false), 0);
-        assert_eq!(tracker.unacknowledged(), 1);
+    fn a_lost_connection_returns_live_messages_in_order_and_counts_the_rest() {
+        let mut window = InFlight::new(8);
+        window.handed(Flight::Spooled(1));
+        window.handed(Flight::Spooled(2));
+        window.handed(Flight::Status);
+        window.handed(Flight::Live("x"));
+        window.handed(Flight::Live("y"));
+        window.acknowledged();
+        let lost = window.lost_connection();
+        assert_eq!(lost, Lost { live: vec!["x", "y"], spooled: 1, status: 1 });
+        assert!(window.is_empty());
     }
 }

@@ -12,8 +12,11 @@ pub mod acks;
 pub mod backoff;
 pub mod broker;
 pub mod mqtt;
+pub mod outbox;
 pub mod payload;
 pub mod schema;
+pub mod spool;
+pub mod tls;
 pub mod topics;
 
 pub use broker::{EmbeddedBroker, port_open, resolve_broker, start_embedded};
@@ -36,6 +39,19 @@ pub enum PublishError {
     /// The broker answered CONNECT with a refusal; retrying with the same settings cannot help.
     #[error("MQTT broker {host}:{port} refused the connection: {reason}")]
     Refused { host: String, port: u16, reason: String },
+
+    /// The TLS handshake failed: an untrusted or misnamed server certificate, or a client
+    /// certificate the broker rejected. Retrying with the same settings cannot help.
+    #[error("TLS to MQTT broker {host}:{port} failed: {reason}; check the [mqtt.tls] files")]
+    TlsRefused { host: String, port: u16, reason: String },
+
+    /// A CA, certificate or key file of `[mqtt.tls]` is missing, unreadable or not PEM.
+    #[error("{key} {path}: {reason}")]
+    TlsFile { key: &'static str, path: std::path::PathBuf, reason: String },
+
+    /// The on-disk spool cannot be opened or written.
+    #[error(transparent)]
+    Spool(#[from] spool::SpoolError),
 
     /// The MQTT client did not take a publish: its connection task has ended, or the topic is
     /// not a valid MQTT topic name.

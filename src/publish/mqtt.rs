@@ -1,50 +1,50 @@
 //! The MQTT publisher: one connection to the broker, shared by every stream.
 //!
-//! Three pieces run concurrently. The rumqttc event loop runs in its own task (the *driver*):
-//! it reconnects with [`Backoff`] after a failure, feeds packet ids and acknowledgements to the
-//! [`AckTracker`], and announces every accepted connection. The *outbox* task is the only
-//! writer of publishes: it turns [`Message`]s from a bounded channel into publishes and, after
-//! each announced connection, publishes the retained `online` status first. Having one writer
-//! keeps `online` from ever overtaking `offline`, and keeps each stream's messages in order.
-//! [`Publisher::finish`] drains the outbox, publishes `offline`, waits for the acknowledgements
-//! and disconnects cleanly (so the broker does not send the last will, which says the same).
+//! Two tasks run concurrently. The rumqttc event loop runs in the *driver* task: it reconnects
+//! with [`Backoff`] after a failure, forwards acknowledgements and every accepted connection
+//! to the outbox, and after a lost connection waits until the outbox has taken back what was in
+//! flight before it empties rumqttc's own queues, so rumqttc never resends anything by itself
+//! and nothing reaches a new session ahead of its `online`. The *outbox* task
+//! ([`super::outbox`]) is the only writer of publishes and owns the on-disk spool
+//! ([`super::spool`]): QoS ≥ 1 messages wait there while the broker is unreachable (and across
+//! restarts), and are replayed in order before new ones. [`Publisher::finish`] lets the outbox
+//! replay and publish `offline`, then disconnects cleanly (so the broker does not send the last
+//! will, which says the same); without a broker the spool keeps what it holds.
 //!
-//! Back-pressure: while the broker is unreachable the client stops taking requests, the outbox
-//! waits, and the engine's sends wait once the channel is full. Messages are not dropped here,
-//! but a broker that comes back with a fresh session (it restarted without persistence) makes
-//! rumqttc discard what was in flight; those are counted as unacknowledged at shutdown.
+//! Failures: a refused login or a failed TLS handshake (untrusted certificate) fails the start;
+//! on a later reconnect they are logged at ERROR and retried at the longest backoff. A broker
+//! that cannot be reached is retried with the normal backoff, quietly doubling.
 //!
-//! SPOOL: the bounded on-disk spool (DESIGN.md "Topics and payloads") goes between the outbox
-//! and the client: while the driver reports no connection, the outbox appends QoS ≥ 1 messages
-//! to the spool instead of waiting, and after each connection it replays the spool in order
-//! before taking new messages, counting what overflowed the bound in the `stats` topic. The
-//! tracker's `lost_with_session` count is what the spool retires. Not built yet.
+//! Sessions: the client connects with a clean session, since nothing depends on the broker
+//! keeping one; QoS 2 publishes interrupted by a lost connection are sent again as new ones,
+//! so across a reconnect QoS 2 gives at-least-once like QoS 1.
 
-use std::io::Write;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rumqttc::{
     AsyncClient, ConnectReturnCode, ConnectionError, Event, EventLoop, LastWill, MqttOptions,
     Outgoing, Packet, QoS,
 };
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
 
-use super::acks::AckTracker;
 use super::backoff::Backoff;
+use super::outbox::{DriverEvent, Outbox, OutboxEnd, WINDOW};
+use super::spool::Spool;
 use super::topics::Topics;
-use super::{Message, PublishError};
+use super::{Message, PublishError, tls};
 use crate::config::Settings;
+use crate::metrics::Metrics;
 
 /// Messages the engine may queue ahead of the publisher before its sends wait.
 pub const MESSAGE_QUEUE: usize = 256;
 
-/// Requests rumqttc buffers between the outbox and the network. Small, because what sits here
-/// when the connection drops is discarded if the broker comes back with a fresh session.
-const CLIENT_QUEUE: usize = 16;
+/// Requests rumqttc buffers between the outbox and the network: more than the outbox ever has
+/// in flight (plus a DISCONNECT), so handing a publish over never waits.
+const CLIENT_QUEUE: usize = WINDOW * 2;
 
 /// Largest packet sent or accepted; a classification with a 200-float embedding is ~3 KiB.
 const MAX_PACKET: usize = 256 * 1024;
@@ -52,19 +52,25 @@ const MAX_PACKET: usize = 256 * 1024;
 /// How long `finish` waits for the DISCONNECT to be written after the flush.
 const DISCONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// What [`Publisher::finish`] achieved. `unacknowledged` and `dropped` are messages lost.
+/// What [`Publisher::finish`] achieved. `unacknowledged` and `dropped` are messages lost;
+/// `spooled` ones are not (the next run replays them).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FlushReport {
-    /// Publishes handed to the MQTT client over the publisher's life, any QoS, status included.
+    /// Publishes handed to the MQTT client over the publisher's life, any QoS, status and
+    /// replays included.
     pub published: u64,
     /// QoS ≥ 1 publishes the broker acknowledged.
     pub acknowledged: u64,
-    /// QoS ≥ 1 publishes the broker never acknowledged: still in flight at the deadline, or
-    /// discarded when the broker came back with a fresh session.
+    /// QoS ≥ 1 messages neither acknowledged nor kept in the spool. Always 0 since the spool
+    /// keeps every unacknowledged message; kept for callers that check it.
     pub unacknowledged: u64,
-    /// Messages still queued for the publisher when the deadline passed; never sent.
+    /// Messages lost: the spool could not take them, or they could not be encoded.
     pub dropped: u64,
-    /// Whether the retained `offline` status was handed to the client.
+    /// QoS 0 messages skipped while the broker was unreachable (QoS 0 promises nothing).
+    pub skipped: u64,
+    /// Messages left in the on-disk spool; the next run replays them.
+    pub spooled: u64,
+    /// Whether the broker acknowledged the retained `offline` status.
     pub offline_sent: bool,
     /// Whether a clean DISCONNECT reached the network.
     pub disconnected: bool,
@@ -73,7 +79,7 @@ pub struct FlushReport {
 }
 
 impl FlushReport {
-    /// True when nothing was lost: everything sent was acknowledged and nothing was dropped.
+    /// True when nothing was lost (messages still spooled are not lost).
     pub fn is_complete(&self) -> bool {
         self.unacknowledged == 0 && self.dropped == 0
     }
@@ -88,11 +94,12 @@ pub struct Publisher {
     client: AsyncClient,
     topics: Topics,
     endpoint: Endpoint,
-    shared: Arc<Shared>,
+    connected: Arc<AtomicBool>,
     stop: watch::Sender<bool>,
     outbox: JoinHandle<OutboxEnd>,
     driver: AbortOnDrop,
     flush_timeout: Duration,
+    spool_dir: std::path::PathBuf,
 }
 
 /// Host and port, for log fields and errors.
@@ -100,23 +107,6 @@ pub struct Publisher {
 struct Endpoint {
     host: String,
     port: u16,
-}
-
-/// State the driver, the outbox and `finish` share.
-struct Shared {
-    acks: Mutex<AckTracker>,
-    /// Woken on every acknowledgement; `finish` is the only waiter.
-    acked: Notify,
-    /// True between an accepted connection and the next connection error.
-    connected: AtomicBool,
-    echo: bool,
-}
-
-impl Shared {
-    fn acks(&self) -> MutexGuard<'_, AckTracker> {
-        // The tracker holds plain counters that stay consistent even if a holder panicked.
-        self.acks.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
 }
 
 /// The driver task, aborted when the publisher is dropped so the connection closes.
@@ -128,43 +118,44 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// How the outbox task ended: normally when every sender is gone, or stopped at the deadline.
-#[derive(Debug, Default)]
-struct OutboxEnd {
-    dropped: u64,
-}
-
 impl Publisher {
-    /// Connects to `settings.mqtt.host:port` and starts publishing.
+    /// Opens the spool, connects to `settings.mqtt.host:port` and starts publishing.
     ///
     /// The first connection attempt is made here (bounded by rumqttc's 5 s connect timeout).
-    /// A broker that refuses the login is an error, since retrying cannot help. A broker that
-    /// cannot be reached is not: the publisher starts, logs a warning, and keeps retrying in
-    /// the background with backoff, while messages wait in the bounded queue.
-    pub async fn start(settings: &Settings) -> Result<Publisher, PublishError> {
+    /// A broker that refuses the login, or whose certificate is not trusted, is an error, since
+    /// retrying cannot help; so is a spool directory that cannot be used or a TLS file that
+    /// cannot be read. A broker that cannot be reached is not: the publisher starts, logs a
+    /// warning, spools and keeps retrying in the background with backoff.
+    pub async fn start(
+        settings: &Settings,
+        metrics: Arc<Metrics>,
+    ) -> Result<Publisher, PublishError> {
         let mqtt = &settings.mqtt;
         let qos = qos_from(mqtt.qos)?;
         let topics = Topics::new(&mqtt.prefix, &settings.device_id);
         let endpoint = Endpoint { host: mqtt.host.clone(), port: mqtt.port };
-        let (client, mut eventloop) =
-            AsyncClient::new(mqtt_options(settings, &topics), CLIENT_QUEUE);
-        let shared = Arc::new(Shared {
-            acks: Mutex::new(AckTracker::new()),
-            acked: Notify::new(),
-            connected: AtomicBool::new(false),
-            echo: mqtt.echo,
-        });
-        let (connected_tx, connected_rx) = watch::channel(0u64);
+        let options = mqtt_options(settings, &topics)?;
+        let spool_dir = settings.spool_dir(&crate::service::cache_dir());
+        let max_bytes = mqtt.spool_max_mb.max(1) * 1024 * 1024;
+        let (spool, recovered) = Spool::open(&spool_dir, max_bytes)?;
+        if recovered.records > 0 {
+            info!(
+                spool = %spool_dir.display(),
+                messages = recovered.records,
+                "the spool holds messages from a previous run; they are published first"
+            );
+        }
+        let (client, mut eventloop) = AsyncClient::new(options, CLIENT_QUEUE);
+        let (events, events_rx) = mpsc::unbounded_channel();
+        let connected = Arc::new(AtomicBool::new(false));
         let mut backoff = Backoff::mqtt();
         let mut first_delay = Duration::ZERO;
 
         // One attempt here so that a refused login fails the start instead of being retried.
         match eventloop.poll().await {
-            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 info!(host = %endpoint.host, port = endpoint.port, "connected to the MQTT broker");
-                shared.acks().connected(ack.session_present);
-                shared.connected.store(true, Ordering::SeqCst);
-                connected_tx.send_modify(|count| *count += 1);
+                announce(&connected, &metrics, &events);
             }
             Err(ConnectionError::ConnectionRefused(code)) => {
                 return Err(PublishError::Refused {
@@ -174,13 +165,20 @@ impl Publisher {
                 });
             }
             Err(error) => {
+                if let Some(reason) = tls::tls_failure(&error) {
+                    return Err(PublishError::TlsRefused {
+                        host: endpoint.host,
+                        port: endpoint.port,
+                        reason,
+                    });
+                }
                 let delay = backoff.failed();
                 warn!(
                     host = %endpoint.host,
                     port = endpoint.port,
                     error = %error,
                     retry_in_ms = delay.as_millis() as u64,
-                    "MQTT broker unreachable at start; publishing will wait for it"
+                    "MQTT broker unreachable at start; messages are spooled until it answers"
                 );
                 first_delay = delay;
             }
@@ -190,32 +188,31 @@ impl Publisher {
         }
 
         let driver = tokio::spawn(drive(
-            eventloop,
+            Driver {
+                eventloop,
+                backoff,
+                events,
+                connected: Arc::clone(&connected),
+                metrics: Arc::clone(&metrics),
+                endpoint: endpoint.clone(),
+            },
             first_delay,
-            backoff,
-            Arc::clone(&shared),
-            connected_tx,
-            endpoint.clone(),
         ));
         let (sender, messages) = mpsc::channel(MESSAGE_QUEUE);
         let (stop, stop_rx) = watch::channel(false);
-        let outlet = Outlet {
-            client: client.clone(),
-            shared: Arc::clone(&shared),
-            endpoint: endpoint.clone(),
-        };
-        let outbox =
-            tokio::spawn(run_outbox(outlet, topics.clone(), qos, messages, connected_rx, stop_rx));
+        let outbox = Outbox::new(client.clone(), topics.clone(), qos, spool, metrics, mqtt.echo);
+        let outbox = tokio::spawn(outbox.run(messages, events_rx, stop_rx));
         Ok(Publisher {
             sender,
             client,
             topics,
             endpoint,
-            shared,
+            connected,
             stop,
             outbox,
             driver: AbortOnDrop(driver),
             flush_timeout: Duration::from_secs(mqtt.flush_timeout_s),
+            spool_dir,
         })
     }
 
@@ -230,88 +227,77 @@ impl Publisher {
         &self.topics
     }
 
-    /// Shuts down within `mqtt.flush_timeout_s`: publishes what is queued once every sender is
-    /// dropped, publishes the retained `offline` status, waits until the broker acknowledged
-    /// every QoS ≥ 1 publish, and disconnects cleanly. What could not be delivered by the
-    /// deadline is counted in the report and logged at ERROR; that is not an `Err`.
+    /// Shuts down within `mqtt.flush_timeout_s`: once every sender is dropped, publishes what
+    /// is queued and spooled, publishes the retained `offline` status, waits until the broker
+    /// acknowledged everything, and disconnects cleanly. Without a connection (or at the
+    /// deadline) what is left stays in the spool for the next run, which is reported, not an
+    /// `Err`; only messages the spool could not take are lost (logged at ERROR).
     pub async fn finish(self) -> Result<FlushReport, PublishError> {
         let Publisher {
             sender,
             client,
-            topics,
             endpoint,
-            shared,
+            connected,
             stop,
             mut outbox,
             driver,
             flush_timeout,
+            spool_dir,
+            ..
         } = self;
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + flush_timeout;
         drop(sender);
-
-        // Drain the queue; at the deadline, stop the outbox and count what it still held.
-        let drained = match tokio::time::timeout_at(deadline, &mut outbox).await {
+        let end = match tokio::time::timeout_at(deadline, &mut outbox).await {
             Ok(end) => end,
             Err(_) => {
                 let _ = stop.send(true);
                 outbox.await
             }
         };
-        let dropped =
-            drained.map_err(|source| PublishError::Task { task: "outbox", source })?.dropped;
-
-        // `offline` goes last, after everything the outbox published.
-        let outlet = Outlet { client: client.clone(), shared: Arc::clone(&shared), endpoint };
-        let status = topics.status();
-        let offline = outlet.publish(&status, QoS::AtLeastOnce, true, b"offline".to_vec(), None);
-        let offline_sent = matches!(tokio::time::timeout_at(deadline, offline).await, Ok(Ok(())));
-
-        // Wait for the acknowledgements. `notify_one` keeps a permit, so none is missed.
-        loop {
-            if shared.acks().settled() {
-                break;
-            }
-            if tokio::time::timeout_at(deadline, shared.acked.notified()).await.is_err() {
-                break;
-            }
-        }
+        let end = end.map_err(|source| PublishError::Task { task: "outbox", source })?;
 
         // A clean DISCONNECT: the driver ends once it has written it. Without a connection there
         // is nobody to say goodbye to; the broker sends the will when it notices.
         let mut driver = driver;
         let disconnected =
-            shared.connected.load(Ordering::SeqCst) && disconnect(&client, &mut driver.0).await;
-
-        let acks = shared.acks().clone();
+            connected.load(Ordering::SeqCst) && disconnect(&client, &mut driver.0).await;
         let report = FlushReport {
-            published: acks.published(),
-            acknowledged: acks.acknowledged_count(),
-            unacknowledged: acks.unacknowledged(),
-            dropped,
-            offline_sent,
+            published: end.published,
+            acknowledged: end.acknowledged,
+            unacknowledged: 0,
+            dropped: end.dropped,
+            skipped: end.skipped,
+            spooled: end.spooled,
+            offline_sent: end.offline_sent,
             disconnected,
             elapsed: started.elapsed(),
         };
-        let host = &outlet.endpoint.host;
-        let port = outlet.endpoint.port;
-        if report.is_complete() {
+        let Endpoint { host, port } = endpoint;
+        if !report.is_complete() {
+            error!(
+                host = %host,
+                port,
+                dropped = report.dropped,
+                "MQTT messages were lost: the spool could not take them"
+            );
+        }
+        if report.spooled > 0 {
+            warn!(
+                host = %host,
+                port,
+                spooled = report.spooled,
+                spool = %spool_dir.display(),
+                "broker not reachable at shutdown; messages stay spooled for the next run"
+            );
+        } else {
             info!(
                 host = %host,
                 port,
                 published = report.published,
+                skipped_qos0 = report.skipped,
                 elapsed_ms = report.elapsed.as_millis() as u64,
                 "MQTT publisher flushed and disconnected"
-            );
-        } else {
-            error!(
-                host = %host,
-                port,
-                unacknowledged = report.unacknowledged,
-                dropped = report.dropped,
-                lost_with_session = acks.lost_with_session(),
-                flush_timeout_s = flush_timeout.as_secs(),
-                "MQTT messages were not delivered before shutdown"
             );
         }
         Ok(report)
@@ -325,21 +311,23 @@ async fn disconnect(client: &AsyncClient, driver: &mut JoinHandle<()>) -> bool {
         && matches!(tokio::time::timeout(DISCONNECT_TIMEOUT, driver).await, Ok(Ok(())))
 }
 
-/// Builds the client options; the only place they are built.
-fn mqtt_options(settings: &Settings, topics: &Topics) -> MqttOptions {
+/// Builds the client options; the only place they are built. The last will is part of every
+/// CONNECT rumqttc sends, reconnects included.
+fn mqtt_options(settings: &Settings, topics: &Topics) -> Result<MqttOptions, PublishError> {
     let mqtt = &settings.mqtt;
     let mut options = MqttOptions::new(settings.client_id(), mqtt.host.clone(), mqtt.port);
     options.set_keep_alive(Duration::from_secs(mqtt.keep_alive_s));
-    // A persistent session lets rumqttc retransmit unacknowledged publishes after a dropped
-    // connection to a broker that kept the session; we subscribe to nothing, so the broker
-    // keeps no queue for us.
-    options.set_clean_session(false);
+    // The spool, not the broker's session, carries messages across a lost connection.
+    options.set_clean_session(true);
     options.set_max_packet_size(MAX_PACKET, MAX_PACKET);
     options.set_last_will(LastWill::new(topics.status(), "offline", QoS::AtLeastOnce, true));
     if let (Some(username), Some(password)) = (&mqtt.username, &mqtt.password) {
         options.set_credentials(username.clone(), password.clone());
     }
-    options
+    if let Some(tls_settings) = &mqtt.tls {
+        options.set_transport(tls::transport(tls_settings)?);
+    }
+    Ok(options)
 }
 
 fn qos_from(qos: u8) -> Result<QoS, PublishError> {
@@ -367,60 +355,97 @@ fn refusal_reason(code: ConnectReturnCode) -> &'static str {
     }
 }
 
-/// Polls the rumqttc event loop until the publisher disconnects or is dropped.
-async fn drive(
-    mut eventloop: EventLoop,
-    first_delay: Duration,
-    mut backoff: Backoff,
-    shared: Arc<Shared>,
-    connected: watch::Sender<u64>,
-    endpoint: Endpoint,
+/// A connection was accepted: flags, counters, and the outbox told.
+fn announce(
+    connected: &AtomicBool,
+    metrics: &Metrics,
+    events: &mpsc::UnboundedSender<DriverEvent>,
 ) {
+    connected.store(true, Ordering::SeqCst);
+    metrics.publish.connections.fetch_add(1, Ordering::Relaxed);
+    metrics.publish.connected.store(1, Ordering::Relaxed);
+    let _ = events.send(DriverEvent::Connected);
+}
+
+/// What the driver task owns.
+struct Driver {
+    eventloop: EventLoop,
+    backoff: Backoff,
+    events: mpsc::UnboundedSender<DriverEvent>,
+    connected: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+    endpoint: Endpoint,
+}
+
+/// Polls the rumqttc event loop until the publisher disconnects or is dropped.
+async fn drive(driver: Driver, first_delay: Duration) {
+    let Driver { mut eventloop, mut backoff, events, connected, metrics, endpoint } = driver;
     let Endpoint { host, port } = endpoint;
+    // Packet ids written on this connection; only their acknowledgements are forwarded.
+    let mut written = std::collections::HashSet::new();
     tokio::time::sleep(first_delay).await;
     loop {
-        match eventloop.poll().await {
-            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+        let error = match eventloop.poll().await {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
                 if backoff.failures() > 0 {
                     let failures = backoff.failures();
                     info!(host = %host, port, failures, "reconnected to the MQTT broker");
                 }
                 backoff.reset();
-                let lost = shared.acks().connected(ack.session_present);
-                if lost > 0 {
-                    error!(
-                        host = %host,
-                        port,
-                        lost,
-                        "broker started a fresh session; in-flight messages were lost"
-                    );
-                }
-                shared.connected.store(true, Ordering::SeqCst);
-                connected.send_modify(|count| *count += 1);
+                written.clear();
+                announce(&connected, &metrics, &events);
+                continue;
             }
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => shared.acks().sent(pkid),
-            Ok(Event::Incoming(Packet::PubAck(ack))) => acknowledge(&shared, ack.pkid),
-            Ok(Event::Incoming(Packet::PubComp(comp))) => acknowledge(&shared, comp.pkid),
+            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+                if pkid != 0 {
+                    written.insert(pkid);
+                }
+                continue;
+            }
+            Ok(Event::Incoming(Packet::PubAck(rumqttc::PubAck { pkid, .. })))
+            | Ok(Event::Incoming(Packet::PubComp(rumqttc::PubComp { pkid, .. }))) => {
+                if written.remove(&pkid) {
+                    let _ = events.send(DriverEvent::Acked);
+                }
+                continue;
+            }
             Ok(Event::Outgoing(Outgoing::Disconnect)) => {
                 debug!(host = %host, port, "DISCONNECT sent");
                 return;
             }
-            Ok(_) => {}
+            Ok(_) => continue,
             Err(ConnectionError::RequestsDone) => return,
-            Err(ConnectionError::ConnectionRefused(code)) => {
-                shared.connected.store(false, Ordering::SeqCst);
+            Err(error) => error,
+        };
+        metrics.publish.connected.store(0, Ordering::Relaxed);
+        if connected.swap(false, Ordering::SeqCst) {
+            // Let the outbox take back what was in flight before the client's queues are
+            // emptied, so that nothing it hands over meanwhile slips into the next session.
+            let (reply, replied) = oneshot::channel();
+            if events.send(DriverEvent::Disconnected(reply)).is_ok() {
+                let _ = replied.await;
+            }
+        }
+        eventloop.clean();
+        eventloop.pending.clear();
+        written.clear();
+        let fatal = match &error {
+            ConnectionError::ConnectionRefused(code) => Some(refusal_reason(*code).to_string()),
+            other => tls::tls_failure(other).map(|reason| format!("TLS: {reason}")),
+        };
+        let delay = match fatal {
+            Some(reason) => {
                 let delay = backoff.max();
                 error!(
                     host = %host,
                     port,
-                    reason = refusal_reason(code),
+                    reason,
                     retry_in_ms = delay.as_millis() as u64,
-                    "MQTT broker refused the connection"
+                    "MQTT broker refused the connection; retrying at the longest backoff"
                 );
-                tokio::time::sleep(delay).await;
+                delay
             }
-            Err(error) => {
-                shared.connected.store(false, Ordering::SeqCst);
+            None => {
                 let delay = backoff.failed();
                 warn!(
                     host = %host,
@@ -429,163 +454,11 @@ async fn drive(
                     retry_in_ms = delay.as_millis() as u64,
                     "MQTT connection failed; reconnecting"
                 );
-                tokio::time::sleep(delay).await;
+                delay
             }
-        }
-    }
-}
-
-fn acknowledge(shared: &Shared, pkid: u16) {
-    if shared.acks().acknowledged(pkid) {
-        shared.acked.notify_one();
-    }
-}
-
-/// Hands publishes to the client and keeps the books; used by the outbox and by `finish`.
-struct Outlet {
-    client: AsyncClient,
-    shared: Arc<Shared>,
-    endpoint: Endpoint,
-}
-
-impl Outlet {
-    async fn publish(
-        &self,
-        topic: &str,
-        qos: QoS,
-        retain: bool,
-        payload: Vec<u8>,
-        stream: Option<&str>,
-    ) -> Result<(), PublishError> {
-        let echo = self.shared.echo.then(|| echo_line(topic, &payload));
-        self.client.publish(topic, qos, retain, payload).await.map_err(|source| {
-            PublishError::Client {
-                host: self.endpoint.host.clone(),
-                port: self.endpoint.port,
-                topic: topic.to_string(),
-                source: Box::new(source),
-            }
-        })?;
-        // Counted only once handed over, so a cancelled hand-over is not awaited at shutdown.
-        self.shared.acks().handed(qos != QoS::AtMostOnce);
-        debug!(topic, stream = stream.unwrap_or(""), ?qos, retain, "published");
-        if let Some(line) = echo {
-            let mut stdout = std::io::stdout().lock();
-            if let Err(error) = writeln!(stdout, "{line}") {
-                debug!(topic, error = %error, "cannot echo to standard output");
-            }
-        }
-        Ok(())
-    }
-}
-
-/// `mqtt.echo`'s line: the topic, a space, the payload (JSON is compact, so one line).
-fn echo_line(topic: &str, payload: &[u8]) -> String {
-    format!("{topic} {}", String::from_utf8_lossy(payload))
-}
-
-/// The single writer: `online` after each connection, then messages in arrival order.
-///
-/// Known gap: after a reconnect, rumqttc first resends what was in flight and what already sat
-/// in its request queue, so those classifications reach subscribers before the new `online`
-/// (seen in review: seq 18–29 arrived ahead of it after a 10 s broker outage). The on-disk spool
-/// of the live-sources issue retires this: messages wait there, not in rumqttc's queue, until
-/// `online` is acknowledged.
-async fn run_outbox(
-    outlet: Outlet,
-    topics: Topics,
-    qos: QoS,
-    mut messages: mpsc::Receiver<Message>,
-    mut connected: watch::Receiver<u64>,
-    mut stop: watch::Receiver<bool>,
-) -> OutboxEnd {
-    let status = topics.status();
-    let mut connections_open = true;
-    loop {
-        let step = tokio::select! {
-            biased;
-            () = stopped(&mut stop) => break,
-            changed = connected.changed(), if connections_open => {
-                if changed.is_err() {
-                    // The driver has ended; no more connections will be announced.
-                    connections_open = false;
-                    continue;
-                }
-                let online = b"online".to_vec();
-                let publish = outlet.publish(&status, QoS::AtLeastOnce, true, online, None);
-                until_stopped(&mut stop, publish).await
-            }
-            message = messages.recv() => match message {
-                None => return OutboxEnd::default(),
-                Some(message) => {
-                    until_stopped(&mut stop, send(&outlet, &topics, qos, message)).await
-                }
-            },
         };
-        match step {
-            Some(Ok(())) => {}
-            Some(Err(error)) => error!(error = %error, "message not published"),
-            None => {
-                // Stopped while waiting for the client: that message is lost too.
-                return OutboxEnd { dropped: 1 + drain(&mut messages) };
-            }
-        }
+        tokio::time::sleep(delay).await;
     }
-    OutboxEnd { dropped: drain(&mut messages) }
-}
-
-/// Runs `work` unless the stop flag is raised first; None when stopped.
-async fn until_stopped<T>(
-    stop: &mut watch::Receiver<bool>,
-    work: impl std::future::Future<Output = T>,
-) -> Option<T> {
-    tokio::select! {
-        biased;
-        () = stopped(stop) => None,
-        result = work => Some(result),
-    }
-}
-
-/// Resolves once the stop flag is raised, or its sender (the publisher) is gone.
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    // An error means the publisher was dropped without `finish`: stop as well.
-    let _ = stop.wait_for(|stopped| *stopped).await;
-}
-
-/// Closes the queue and counts what was left in it.
-fn drain(messages: &mut mpsc::Receiver<Message>) -> u64 {
-    messages.close();
-    let mut count = 0;
-    while messages.try_recv().is_ok() {
-        count += 1;
-    }
-    count
-}
-
-/// One message → one publish on its stream's topic.
-async fn send(
-    outlet: &Outlet,
-    topics: &Topics,
-    qos: QoS,
-    message: Message,
-) -> Result<(), PublishError> {
-    let (topic, qos, retain, stream, payload) = match &message {
-        Message::Classification(classification) => {
-            let topic = topics.classification(&classification.stream);
-            let payload = serde_json::to_vec(classification);
-            (topic, qos, false, classification.stream.as_str(), payload)
-        }
-        Message::State(state) => {
-            let topic = topics.state(&state.stream);
-            (topic, QoS::AtLeastOnce, true, state.stream.as_str(), serde_json::to_vec(state))
-        }
-        Message::Stats(stats) => {
-            (topics.stats(), QoS::AtMostOnce, false, "", serde_json::to_vec(stats))
-        }
-    };
-    let payload =
-        payload.map_err(|source| PublishError::Encode { topic: topic.clone(), source })?;
-    outlet.publish(&topic, qos, retain, payload, Some(stream)).await
 }
 
 #[cfg(test)]
@@ -602,12 +475,12 @@ mod tests {
     }
 
     #[test]
-    fn options_carry_the_retained_offline_will_and_no_clean_session() {
+    fn options_carry_the_retained_offline_will_and_a_clean_session() {
         let mut settings = Settings { device_id: "box-1".into(), ..Settings::default() };
         settings.mqtt.username = Some("user".into());
         settings.mqtt.password = Some("secret".into());
         let topics = Topics::new(&settings.mqtt.prefix, &settings.device_id);
-        let options = mqtt_options(&settings, &topics);
+        let options = mqtt_options(&settings, &topics).expect("options");
         let will = options.last_will();
         assert_eq!(will.as_ref().map(|will| will.topic.as_str()), Some("edgesight/box-1/status"));
         assert_eq!(will.as_ref().map(|will| &will.message[..]), Some(&b"offline"[..]));
@@ -615,14 +488,14 @@ mod tests {
             will.as_ref().map(|will| (will.qos, will.retain)),
             Some((QoS::AtLeastOnce, true))
         );
-        assert!(!options.clean_session());
+        assert!(options.clean_session());
         assert_eq!(options.client_id(), "edgesight-box-1");
         assert!(options.credentials().is_some());
     }
 
     #[test]
     fn echo_prints_topic_then_payload_on_one_line() {
-        let line = echo_line("edgesight/b/door/state", br#"{"label":"cat"}"#);
+        let line = super::super::outbox::echo_line("edgesight/b/door/state", br#"{"label":"cat"}"#);
         assert_eq!(line, r#"edgesight/b/door/state {"label":"cat"}"#);
     }
 

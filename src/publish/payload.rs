@@ -30,6 +30,10 @@ pub struct Classification {
     /// The pooled PCA projection (k floats), when `engine.embeddings` is on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub embedding: Option<Vec<f32>>,
+    /// True when the message waited in the on-disk spool during a broker outage and is
+    /// published late; absent otherwise.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub replayed: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -89,6 +93,13 @@ pub struct StreamState {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub updated_at: String,
+    /// True when the message waited in the on-disk spool; absent otherwise.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub replayed: bool,
+}
+
+fn is_false(value: &bool) -> bool {
+    !*value
 }
 
 /// `<prefix>/<device>/stats` (QoS 0, not retained): counters over the last interval.

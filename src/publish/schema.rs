@@ -63,6 +63,7 @@ mod tests {
             },
             model: ModelRef { name: "demo".into(), version: "1".into(), checksum: "ab12".into() },
             embedding: Some(vec![0.5, -1.25, 3.0]),
+            replayed: false,
         }
     }
 
@@ -81,6 +82,7 @@ mod tests {
             raw_score: Some(0.55),
             error: None,
             updated_at: rfc3339_ms(UNIX_EPOCH + Duration::from_secs(5)),
+            replayed: false,
         }
     }
 
@@ -92,6 +94,21 @@ mod tests {
         let bare = Classification { position_ms: None, embedding: None, ..classification() };
         let bare = serde_json::to_value(bare).unwrap();
         assert_eq!(errors(&validator, &bare), Vec::<String>::new());
+    }
+
+    #[test]
+    fn replayed_is_absent_when_false_and_true_when_spooled() {
+        let live = serde_json::to_value(classification()).unwrap();
+        assert!(live.get("replayed").is_none(), "{live}");
+        let late = serde_json::to_value(Classification { replayed: true, ..classification() });
+        let late = late.unwrap();
+        assert_eq!(late["replayed"], json!(true));
+        assert_eq!(errors(&validator(CLASSIFICATION), &late), Vec::<String>::new());
+        let state = serde_json::to_value(StreamState { replayed: true, ..state() }).unwrap();
+        assert_eq!(errors(&validator(STATE), &state), Vec::<String>::new());
+        let mut false_flag = live;
+        false_flag["replayed"] = json!(false);
+        assert!(!validator(CLASSIFICATION).is_valid(&false_flag), "only true is sent");
     }
 
     #[test]

@@ -2,6 +2,10 @@
 //! directory, the process killed when the handle drops. Tests never touch a broker they did
 //! not start (in particular not the system one on 1883).
 //!
+//! [`TestPki`] makes a throw-away CA with server and client certificates (with the `openssl`
+//! command, into a temporary directory) for [`Mosquitto::start_tls`], whose TLS listener sits
+//! next to a plain one for the test's own subscriber.
+//!
 //! Mosquitto must be installed (Debian: `mosquitto`, `mosquitto-clients`); without it the
 //! tests fail with a message that says so, rather than skipping silently.
 
@@ -36,6 +40,8 @@ pub fn wait_for_port(port: u16, within: Duration) -> bool {
 /// A running Mosquitto on 127.0.0.1.
 pub struct Mosquitto {
     pub port: u16,
+    /// The TLS listener's port, for [`Mosquitto::start_tls`].
+    pub tls_port: Option<u16>,
     dir: TempDir,
     config: PathBuf,
     child: Option<Child>,
@@ -44,15 +50,21 @@ pub struct Mosquitto {
 impl Mosquitto {
     /// Anonymous access allowed.
     pub fn start() -> Mosquitto {
-        Mosquitto::launch(None)
+        Mosquitto::launch(None, None)
     }
 
     /// Only `username` with `password` may connect.
     pub fn start_with_password(username: &str, password: &str) -> Mosquitto {
-        Mosquitto::launch(Some((username, password)))
+        Mosquitto::launch(Some((username, password)), None)
     }
 
-    fn launch(credentials: Option<(&str, &str)>) -> Mosquitto {
+    /// A plain listener on `port` plus a TLS one on `tls_port` with `pki`'s server certificate;
+    /// `require_client_cert` makes the TLS listener ask for a client certificate of `pki`'s CA.
+    pub fn start_tls(pki: &TestPki, require_client_cert: bool) -> Mosquitto {
+        Mosquitto::launch(None, Some((pki, require_client_cert)))
+    }
+
+    fn launch(credentials: Option<(&str, &str)>, tls: Option<(&TestPki, bool)>) -> Mosquitto {
         let binary = find_binary("mosquitto").unwrap_or_else(|| {
             panic!(
                 "the `mosquitto` binary was not found on PATH or in /usr/sbin; these tests need \
@@ -75,10 +87,22 @@ impl Mosquitto {
                 ));
             }
         }
+        let mut tls_port = None;
+        if let Some((pki, require)) = tls {
+            let port = free_port();
+            tls_port = Some(port);
+            config.push_str(&format!(
+                "listener {port} 127.0.0.1\ncafile {}\ncertfile {}\nkeyfile {}\n\
+                 require_certificate {require}\n",
+                pki.ca.display(),
+                pki.server_cert.display(),
+                pki.server_key.display()
+            ));
+        }
         let config_path = dir.path().join("mosquitto.conf");
         fs::write(&config_path, config).expect("write mosquitto.conf");
         fs::set_permissions(&config_path, fs::Permissions::from_mode(0o644)).expect("chmod");
-        let mut broker = Mosquitto { port, dir, config: config_path, child: None };
+        let mut broker = Mosquitto { port, tls_port, dir, config: config_path, child: None };
         broker.spawn(&binary);
         broker
     }
@@ -94,7 +118,9 @@ impl Mosquitto {
             .spawn()
             .unwrap_or_else(|error| panic!("cannot run {}: {error}", binary.display()));
         self.child = Some(child);
-        if !wait_for_port(self.port, Duration::from_secs(5)) {
+        let tls_ready =
+            self.tls_port.is_none_or(|port| wait_for_port(port, Duration::from_secs(5)));
+        if !wait_for_port(self.port, Duration::from_secs(5)) || !tls_ready {
             panic!(
                 "mosquitto did not listen on 127.0.0.1:{} within 5 s; its log:\n{}",
                 self.port,
@@ -151,4 +177,98 @@ fn find_binary(name: &str) -> Option<PathBuf> {
         .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")])
         .map(|dir| dir.join(name))
         .find(|candidate| candidate.is_file())
+}
+
+/// A throw-away PKI: a CA, a server certificate for `server_name` signed by it, and a client
+/// certificate signed by it. Files are PEM, keys unencrypted PKCS#8, in a temporary directory.
+pub struct TestPki {
+    _dir: TempDir,
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl TestPki {
+    /// `server_name` goes into the server certificate's subjectAltName, e.g.
+    /// `DNS:broker.test` or `IP:127.0.0.1`.
+    pub fn new(server_name: &str) -> TestPki {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+        let at = |name: &str| dir.path().join(name);
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+        openssl(
+            &[
+                &["req", "-x509"][..],
+                &ec,
+                &[
+                    "-days",
+                    "2",
+                    "-subj",
+                    "/CN=edgesight test CA",
+                    "-addext",
+                    "basicConstraints=critical,CA:TRUE",
+                    "-addext",
+                    "keyUsage=critical,keyCertSign,cRLSign",
+                ],
+            ]
+            .concat(),
+            &[("-keyout", &at("ca.key")), ("-out", &at("ca.pem"))],
+        );
+        for (name, san, usage) in [
+            ("server", server_name, "serverAuth"),
+            ("client", "DNS:edgesight-client", "clientAuth"),
+        ] {
+            let ext = at(&format!("{name}.ext"));
+            fs::write(
+                &ext,
+                format!(
+                    "subjectAltName={san}\nbasicConstraints=CA:FALSE\n\
+                         keyUsage=digitalSignature\nextendedKeyUsage={usage}\n"
+                ),
+            )
+            .expect("write extensions");
+            openssl(
+                &[&["req"][..], &ec, &["-subj", &format!("/CN=edgesight {name}")]].concat(),
+                &[("-keyout", &at(&format!("{name}.key"))), ("-out", &at(&format!("{name}.csr")))],
+            );
+            openssl(
+                &["x509", "-req", "-days", "2", "-CAcreateserial"],
+                &[
+                    ("-in", &at(&format!("{name}.csr"))),
+                    ("-CA", &at("ca.pem")),
+                    ("-CAkey", &at("ca.key")),
+                    ("-extfile", &ext),
+                    ("-out", &at(&format!("{name}.pem"))),
+                ],
+            );
+        }
+        for entry in fs::read_dir(dir.path()).expect("list") {
+            let path = entry.expect("entry").path();
+            fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).expect("chmod");
+        }
+        TestPki {
+            ca: at("ca.pem"),
+            server_cert: at("server.pem"),
+            server_key: at("server.key"),
+            client_cert: at("client.pem"),
+            client_key: at("client.key"),
+            _dir: dir,
+        }
+    }
+}
+
+fn openssl(args: &[&str], files: &[(&str, &Path)]) {
+    let mut command = Command::new("openssl");
+    command.args(args);
+    for (flag, path) in files {
+        command.arg(flag).arg(path);
+    }
+    let output = command.output().unwrap_or_else(|error| panic!("cannot run openssl: {error}"));
+    assert!(
+        output.status.success(),
+        "openssl {args:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
