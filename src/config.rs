@@ -68,8 +68,9 @@ pub struct EngineSettings {
     pub top_k: usize,
     /// Publish the k-dimensional PCA embedding with each classification. Default false.
     pub embeddings: bool,
-    /// Most frames, from any streams, run through the model in one call. Default 4; 1 turns
-    /// batching off.
+    /// Most frames, from any streams, run through the model in one call. Default 1 (no
+    /// batching): on CPUs tract runs a batch slower per frame than single frames
+    /// (`benches/results.md`); batching pays off on the libtorch backend and on GPUs.
     pub max_batch: usize,
     /// Longest a batch waits for more frames after its first frame arrived, milliseconds.
     /// Default 20; 0 runs whatever is queued at once.
@@ -264,7 +265,7 @@ impl Default for EngineSettings {
             queue: 8,
             top_k: 3,
             embeddings: false,
-            max_batch: 4,
+            max_batch: 1,
             max_wait_ms: 20,
             state_heartbeat_s: 60,
             classifications: Classifications::Every,
