@@ -209,3 +209,27 @@ async fn after_an_outage_online_comes_first_then_every_message_in_order() {
     assert_eq!(metrics.publish.connections.load(std::sync::atomic::Ordering::Relaxed), 2);
     watcher.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_refused_on_reconnect_is_retried_slowly_while_messages_are_spooled() {
+    let mut broker = Mosquitto::start();
+    let spool = tempfile::tempdir().expect("spool dir");
+    let settings = settings(broker.port, "auth-1", spool.path());
+    let metrics = Metrics::new();
+    let publisher = Publisher::start(&settings, metrics.clone()).await.expect("start");
+    // The broker comes back wanting a password the publisher does not have.
+    broker.restart_with_password("edge", "only-for-others");
+    let sender = publisher.sender();
+    for seq in 0..5 {
+        sender.send(classification("auth-1", "door", seq)).await.expect("send");
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let attempts = broker.log().matches("New connection from 127.0.0.1").count();
+    eprintln!("connection attempts in 5 s after the refusal: {attempts}");
+    assert!((1..=2).contains(&attempts), "a retry storm: {attempts} attempts\n{}", broker.log());
+    let connected = metrics.publish.connected.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(connected, 0);
+    drop(sender);
+    let report = publisher.finish().await.expect("finish");
+    assert!(report.is_complete() && report.spooled == 5, "{report:?}");
+}

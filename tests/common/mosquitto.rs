@@ -144,6 +144,18 @@ impl Mosquitto {
         self.spawn(&binary);
     }
 
+    /// Restarts it so that only `username` with `password` may connect from now on.
+    pub fn restart_with_password(&mut self, username: &str, password: &str) {
+        let file = self.dir.path().join("passwords");
+        write_password_file(&file, username, password);
+        let config = fs::read_to_string(&self.config).expect("read mosquitto.conf").replace(
+            "allow_anonymous true\n",
+            &format!("allow_anonymous false\npassword_file {}\n", file.display()),
+        );
+        fs::write(&self.config, config).expect("write mosquitto.conf");
+        self.restart();
+    }
+
     /// What Mosquitto wrote to its log so far.
     pub fn log(&self) -> String {
         fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
