@@ -186,6 +186,10 @@ impl Engine {
                         continue;
                     }
                 },
+                SourceEvent::Status { stream, status } => {
+                    let (device, run_id) = (&self.options.device, &self.options.run_id);
+                    vec![Message::StreamStatus(status.payload(&stream, device, run_id))]
+                }
                 SourceEvent::Ended { stream } => {
                     info!(%stream, frames = self.book.count(&stream), "stream ended");
                     summary.ended.push(stream.to_string());

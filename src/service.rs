@@ -15,6 +15,7 @@ use tracing::{error, info, warn};
 
 use crate::config::Settings;
 use crate::engine::{Engine, EngineOptions, EngineSummary};
+use crate::metrics::Metrics;
 use crate::model::{self, Bundle, ModelError, SynthOptions};
 use crate::publish::{Publisher, broker};
 use crate::source::{self, SourceEvent};
@@ -75,6 +76,7 @@ pub async fn run(settings: Settings) -> Result<RunOutcome, ServiceError> {
     // Installed first, so that a signal during start-up (the model takes seconds to load) is
     // a clean stop rather than the default action that kills the process.
     let mut signals = Signals::install();
+    let metrics = Metrics::new();
     let run_id = uuid::Uuid::new_v4().to_string();
     info!(device = %settings.device_id, %run_id, streams = settings.streams.len(), "starting");
 
@@ -109,11 +111,14 @@ pub async fn run(settings: Settings) -> Result<RunOutcome, ServiceError> {
 
     let mut handles = Vec::new();
     for stream in &settings.streams {
-        match source::spawn(stream, events_tx.clone()) {
+        match source::spawn(stream, &settings.sources, Arc::clone(&metrics), events_tx.clone()) {
             Ok(handle) => handles.push(handle),
             Err(error) => {
                 error!(stream = %stream.name, %error, "stream cannot start");
                 let name: Arc<str> = stream.name.as_str().into();
+                metrics.stream(&stream.name).set_status("failed");
+                let status = source::SourceStatus::Failed { reason: error.to_string() };
+                let _ = events_tx.send(SourceEvent::Status { stream: name.clone(), status });
                 let _ = events_tx.send(SourceEvent::Failed { stream: name, error });
             }
         }

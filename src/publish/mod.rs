@@ -25,6 +25,8 @@ pub use topics::Topics;
 pub enum Message {
     Classification(payload::Classification),
     State(payload::StreamState),
+    /// A source's retained status (`online`, `reconnecting`, `failed`, `ended`).
+    StreamStatus(payload::StreamStatus),
 }
 
 /// Everything that can go wrong while publishing or running the embedded broker. Each variant

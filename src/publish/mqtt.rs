@@ -579,6 +579,10 @@ async fn send(
             let topic = topics.state(&state.stream);
             (topic, QoS::AtLeastOnce, true, state.stream.as_str(), serde_json::to_vec(state))
         }
+        Message::StreamStatus(status) => {
+            let topic = topics.stream_status(&status.stream);
+            (topic, QoS::AtLeastOnce, true, status.stream.as_str(), serde_json::to_vec(status))
+        }
     };
     let payload =
         payload.map_err(|source| PublishError::Encode { topic: topic.clone(), source })?;
