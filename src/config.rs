@@ -11,6 +11,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+mod sources;
+
+pub(crate) use sources::check_launch;
+use sources::{live_kind_problems, stall_problem};
+
 /// The environment prefix; `EDGESIGHT__MQTT__PORT=1884` overrides `mqtt.port`.
 pub const ENV_PREFIX: &str = "EDGESIGHT";
 
@@ -32,7 +37,31 @@ pub struct Settings {
     /// Defaults for every stream's label smoothing; a stream's `smoothing` table overrides.
     pub smoothing: SmoothingSettings,
     pub metrics: MetricsSettings,
+    /// How live sources are watched and restarted.
+    pub sources: SourcesSettings,
     pub streams: Vec<StreamSettings>,
+}
+
+/// `[sources]`: supervision of live sources (`v4l2`, `rtsp`, `test`, `pipeline`, and `uri`
+/// with a live scheme). A live source that errors, ends, or delivers no frame for
+/// `stall_timeout_s` is torn down and rebuilt after a delay that grows exponentially from
+/// `backoff_initial_ms` by `backoff_multiplier` up to `backoff_max_ms`, each delay spread by
+/// ± `backoff_jitter` (a fraction) so that many cameras behind one switch do not reconnect in
+/// lock step. The delay starts over once a source has delivered frames again.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SourcesSettings {
+    /// Seconds without a decoded frame after which a live source counts as stalled and is
+    /// rebuilt. Default 10. Streams may override it with their own `stall_timeout_s`.
+    pub stall_timeout_s: f64,
+    /// First delay before rebuilding a failed live source, milliseconds. Default 500.
+    pub backoff_initial_ms: u64,
+    /// Longest delay between rebuilds, milliseconds. Default 30000.
+    pub backoff_max_ms: u64,
+    /// Factor applied to the delay after each failed attempt; at least 1. Default 2.0.
+    pub backoff_multiplier: f64,
+    /// Random spread of each delay, as a fraction in [0, 1): 0.2 means ± 20 %. Default 0.2.
+    pub backoff_jitter: f64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -210,7 +239,7 @@ pub enum Embedded {
 pub struct StreamSettings {
     /// Unique name; used in topics, so letters, digits, `-` and `_` only.
     pub name: String,
-    /// `file` or `test` (`v4l2`, `rtsp`, `uri` and `pipeline` are not built yet).
+    /// `file`, `test`, `v4l2`, `rtsp`, `uri` or `pipeline`.
     pub kind: String,
     /// Cap on frames classified per second of stream time. Default 1.0.
     pub fps: Option<f64>,
@@ -223,13 +252,40 @@ pub struct StreamSettings {
     pub looping: Option<bool>,
     /// test: a `videotestsrc` pattern name, e.g. `smpte`, `ball`. Default `smpte`.
     pub pattern: Option<String>,
-    /// test: frame size in pixels. Default 320×240.
+    /// test: frame size in pixels. Default 320×240. v4l2: the size asked of the camera;
+    /// absent means whatever the camera offers first.
     pub width: Option<u32>,
     pub height: Option<u32>,
     /// test: frames to produce before the stream ends; absent means endless.
     pub frames: Option<u64>,
     /// Label smoothing of this stream; keys absent here come from `[smoothing]`.
     pub smoothing: Option<SmoothingOverride>,
+    /// v4l2: the capture device. Default `/dev/video0`.
+    pub device: Option<PathBuf>,
+    /// v4l2: frames per second asked of the camera (not the classification cap, which is
+    /// `fps`). Absent means the camera's default.
+    pub framerate: Option<f64>,
+    /// v4l2: `auto` (whatever the camera offers, decoded as needed), `mjpeg` (compressed
+    /// frames through a JPEG decoder; most USB cameras reach their full size and rate only
+    /// this way) or `yuyv` (raw YUY2). Default `auto`.
+    pub format: Option<String>,
+    /// rtsp: `rtsp://` or `rtsps://` address; uri: anything `uridecodebin` takes. Credentials
+    /// inside the address are allowed and never logged.
+    pub url: Option<String>,
+    /// rtsp: `tcp` (interleaved in the RTSP connection; works through NAT and firewalls),
+    /// `udp`, or `auto` (UDP, then TCP). Default `tcp`.
+    pub transport: Option<String>,
+    /// rtsp: jitter buffer, milliseconds. Default 200.
+    pub latency_ms: Option<u32>,
+    /// rtsp: credentials, both or neither; never logged. Default none.
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// pipeline: a `gst-launch-1.0` description ending in `appsink name=sink`, e.g.
+    /// `v4l2src ! jpegdec ! videoconvert ! appsink name=sink`. edgesight converts to RGB in
+    /// front of the sink itself.
+    pub pipeline: Option<String>,
+    /// Live kinds: overrides `sources.stall_timeout_s` for this stream, seconds.
+    pub stall_timeout_s: Option<f64>,
 }
 
 impl Default for Settings {
@@ -242,7 +298,20 @@ impl Default for Settings {
             mqtt: MqttSettings::default(),
             smoothing: SmoothingSettings::default(),
             metrics: MetricsSettings::default(),
+            sources: SourcesSettings::default(),
             streams: Vec::new(),
+        }
+    }
+}
+
+impl Default for SourcesSettings {
+    fn default() -> Self {
+        SourcesSettings {
+            stall_timeout_s: 10.0,
+            backoff_initial_ms: 500,
+            backoff_max_ms: 30_000,
+            backoff_multiplier: 2.0,
+            backoff_jitter: 0.2,
         }
     }
 }
@@ -547,6 +616,9 @@ impl Settings {
         if let Some(value) = section(raw, "metrics", &mut failed, &mut problems) {
             settings.metrics = value;
         }
+        if let Some(value) = section(raw, "sources", &mut failed, &mut problems) {
+            settings.sources = value;
+        }
         if let Some(value) = section(raw, "streams", &mut failed, &mut problems) {
             settings.streams = value;
         } else if failed.iter().any(|key| key == "streams") {
@@ -631,6 +703,7 @@ impl Settings {
                 );
             }
         }
+        problems.extend(self.sources_problems());
         problems
     }
 
@@ -724,6 +797,14 @@ impl Settings {
         if shown.mqtt.password.is_some() {
             shown.mqtt.password = Some("********".into());
         }
+        for stream in &mut shown.streams {
+            if stream.password.is_some() {
+                stream.password = Some("********".into());
+            }
+            if let Some(url) = &stream.url {
+                stream.url = Some(crate::source::redact_url(url));
+            }
+        }
         toml::to_string_pretty(&shown).unwrap_or_else(|error| format!("# cannot print: {error}"))
     }
 }
@@ -763,15 +844,10 @@ impl StreamSettings {
                         problems.push((key, format!("{value} is not in 16–7680")));
                     }
                 }
-                &["pattern", "width", "height", "frames"]
+                stall_problem(self.stall_timeout_s, &mut problems);
+                &["pattern", "width", "height", "frames", "stall_timeout_s"]
             }
-            "v4l2" | "rtsp" | "uri" | "pipeline" => {
-                problems.push((
-                    "kind",
-                    format!("{:?} is not supported by this version yet", self.kind),
-                ));
-                &[]
-            }
+            "v4l2" | "rtsp" | "uri" | "pipeline" => live_kind_problems(self, &mut problems),
             other => {
                 problems.push((
                     "kind",
@@ -780,7 +856,7 @@ impl StreamSettings {
                 return problems;
             }
         };
-        let set: [(&'static str, bool); 7] = [
+        let set = [
             ("path", self.path.is_some()),
             ("realtime", self.realtime.is_some()),
             ("loop", self.looping.is_some()),
@@ -788,6 +864,16 @@ impl StreamSettings {
             ("width", self.width.is_some()),
             ("height", self.height.is_some()),
             ("frames", self.frames.is_some()),
+            ("device", self.device.is_some()),
+            ("framerate", self.framerate.is_some()),
+            ("format", self.format.is_some()),
+            ("url", self.url.is_some()),
+            ("transport", self.transport.is_some()),
+            ("latency_ms", self.latency_ms.is_some()),
+            ("username", self.username.is_some()),
+            ("password", self.password.is_some()),
+            ("pipeline", self.pipeline.is_some()),
+            ("stall_timeout_s", self.stall_timeout_s.is_some()),
         ];
         for (key, is_set) in set {
             if is_set && !used.contains(&key) {

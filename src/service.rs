@@ -143,11 +143,14 @@ pub async fn run(settings: Settings) -> Result<RunOutcome, ServiceError> {
 
     let mut handles = Vec::new();
     for stream in &settings.streams {
-        match source::spawn(stream, events_tx.clone()) {
+        match source::spawn(stream, &settings.sources, Arc::clone(&metrics), events_tx.clone()) {
             Ok(handle) => handles.push(handle),
             Err(error) => {
                 error!(stream = %stream.name, %error, "stream cannot start");
                 let name: Arc<str> = stream.name.as_str().into();
+                metrics.stream(&stream.name).set_status("failed");
+                let status = source::SourceStatus::Failed { reason: error.to_string() };
+                let _ = events_tx.send(SourceEvent::Status { stream: name.clone(), status });
                 let _ = events_tx.send(SourceEvent::Failed { stream: name, error });
             }
         }

@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use edgesight::config::StreamSettings;
+use edgesight::config::{SourcesSettings, StreamSettings};
+use edgesight::metrics::Metrics;
 use edgesight::preprocess::{Preprocess, load_image};
 use edgesight::source::{SourceError, SourceEvent, SourceFrame, read_video, spawn};
 use gstreamer as gst;
@@ -44,7 +45,7 @@ enum End {
 /// Runs a stream to its end (or until `limit` frames, then stops it) and returns its frames.
 fn run(settings: &StreamSettings, limit: usize, timeout: Duration) -> (Vec<SourceFrame>, End) {
     let (sender, events) = crossbeam_channel::bounded(2);
-    let handle = spawn(settings, sender).unwrap();
+    let handle = spawn(settings, &SourcesSettings::default(), Metrics::new(), sender).unwrap();
     let deadline = Instant::now() + timeout;
     let mut frames = Vec::new();
     let end = loop {
@@ -60,6 +61,7 @@ fn run(settings: &StreamSettings, limit: usize, timeout: Duration) -> (Vec<Sourc
                     handle.stop();
                 }
             }
+            SourceEvent::Status { .. } => {}
             SourceEvent::Ended { .. } => break End::Ended,
             SourceEvent::Failed { error, .. } => break End::Failed(error),
         }
@@ -284,7 +286,9 @@ fn unknown_test_pattern_is_refused_at_spawn() {
         ..StreamSettings::default()
     };
     let (sender, _events) = crossbeam_channel::bounded(1);
-    let error = spawn(&settings, sender).unwrap_err().to_string();
+    let error = spawn(&settings, &SourcesSettings::default(), Metrics::new(), sender)
+        .unwrap_err()
+        .to_string();
     assert!(error.contains("plaid") && error.contains("ball"), "{error}");
 }
 
@@ -397,7 +401,7 @@ fn reports_timings() {
     let mut settings = file_stream("vid_vp8_vorbis_1280x720.webm", 1000.0);
     settings.looping = Some(true);
     let (sender, events) = crossbeam_channel::bounded(4);
-    let handle = spawn(&settings, sender).unwrap();
+    let handle = spawn(&settings, &SourcesSettings::default(), Metrics::new(), sender).unwrap();
     let mut first = None;
     let mut count = 0;
     for event in events.iter() {
@@ -409,6 +413,7 @@ fn reports_timings() {
                     handle.stop();
                 }
             }
+            SourceEvent::Status { .. } => {}
             _ => break,
         }
     }

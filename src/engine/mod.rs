@@ -486,6 +486,10 @@ impl Engine {
     ) -> Result<(), Stopped> {
         let (stream, state) = match event {
             SourceEvent::Frame(_) => return Ok(()),
+            SourceEvent::Status { stream, status } => {
+                let (device, run_id) = (&self.options.device, &self.options.run_id);
+                return send(out, Message::StreamStatus(status.payload(&stream, device, run_id)));
+            }
             SourceEvent::Ended { stream } => {
                 info!(%stream, frames = self.book.count(&stream), "stream ended");
                 summary.ended.push(stream.to_string());

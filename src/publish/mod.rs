@@ -30,6 +30,8 @@ pub enum Message {
     State(payload::StreamState),
     /// Periodic statistics, `<prefix>/<device>/stats`, QoS 0, not retained.
     Stats(payload::Stats),
+    /// A source's retained status (`online`, `reconnecting`, `failed`, `ended`).
+    StreamStatus(payload::StreamStatus),
 }
 
 /// Everything that can go wrong while publishing or running the embedded broker. Each variant

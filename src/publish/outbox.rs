@@ -296,6 +296,9 @@ impl Outbox {
             Message::State(state) => state.replayed = true,
             // QoS 0: never spooled (see `qos_of`).
             Message::Stats(_) => {}
+            // Retained and replaced by the next one; the order of the spool keeps the last
+            // status last.
+            Message::StreamStatus(_) => {}
         }
         let qos = self.qos_of(&message);
         let Some((topic, retain, payload)) = self.encode(&message) else { return };
@@ -336,6 +339,7 @@ impl Outbox {
             Message::Classification(_) => self.qos,
             Message::State(_) => QoS::AtLeastOnce,
             Message::Stats(_) => QoS::AtMostOnce,
+            Message::StreamStatus(_) => QoS::AtLeastOnce,
         }
     }
 
@@ -351,6 +355,9 @@ impl Outbox {
                 (self.topics.state(&state.stream), true, serde_json::to_vec(state))
             }
             Message::Stats(stats) => (self.topics.stats(), false, serde_json::to_vec(stats)),
+            Message::StreamStatus(status) => {
+                (self.topics.stream_status(&status.stream), true, serde_json::to_vec(status))
+            }
         };
         match payload {
             Ok(payload) => Some((topic, retain, payload)),

@@ -174,6 +174,28 @@ pub struct PublishStats {
     pub failures: u64,
 }
 
+/// `<prefix>/<stream>/status` (retained): whether the stream's source is delivering frames.
+/// `schema/status.schema.json` describes it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StreamStatus {
+    pub schema: u32,
+    pub device: String,
+    pub stream: String,
+    pub run_id: String,
+    /// `online`, `reconnecting`, `failed` or `ended`.
+    pub status: String,
+    /// `reconnecting`: failures since the source last delivered frames, from 1.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<u32>,
+    /// `reconnecting`: milliseconds until the source is rebuilt.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_delay_ms: Option<u64>,
+    /// `reconnecting` and `failed`: what went wrong (credentials masked).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub updated_at: String,
+}
+
 /// UTC time as RFC 3339 with milliseconds, e.g. `2026-12-04T17:07:18.123Z`.
 pub fn rfc3339_ms(time: std::time::SystemTime) -> String {
     let time: chrono::DateTime<chrono::Utc> = time.into();

@@ -16,6 +16,8 @@ pub const STATE: &str = include_str!("../../schema/state.schema.json");
 
 /// `schema/stats.schema.json` (JSON Schema draft 2020-12).
 pub const STATS: &str = include_str!("../../schema/stats.schema.json");
+/// `schema/status.schema.json` (JSON Schema draft 2020-12).
+pub const STATUS: &str = include_str!("../../schema/status.schema.json");
 
 #[cfg(test)]
 mod tests {
@@ -216,5 +218,33 @@ mod tests {
         for value in [bad_rate, missing, extra] {
             assert!(!validator.is_valid(&value), "accepted {value}");
         }
+    }
+
+    #[test]
+    fn every_source_status_is_valid_and_the_schema_is_strict() {
+        use crate::source::SourceStatus;
+        let validator = validator(STATUS);
+        let all = [
+            SourceStatus::Online,
+            SourceStatus::Reconnecting { attempt: 2, next_delay_ms: 1000, reason: "gone".into() },
+            SourceStatus::Failed { reason: "no such device".into() },
+            SourceStatus::Ended,
+        ];
+        for status in &all {
+            let value = serde_json::to_value(status.payload("door", "box-1", "run")).unwrap();
+            assert_eq!(errors(&validator, &value), Vec::<String>::new(), "{status:?}");
+        }
+        let reconnecting = serde_json::to_value(all[1].payload("door", "box-1", "run")).unwrap();
+        for field in ["attempt", "next_delay_ms", "reason", "updated_at"] {
+            let mut value = reconnecting.clone();
+            value.as_object_mut().unwrap().remove(field);
+            assert!(!validator.is_valid(&value), "reconnecting without {field} was accepted");
+        }
+        let mut online = serde_json::to_value(all[0].payload("door", "box-1", "run")).unwrap();
+        online["reason"] = json!("x");
+        assert!(!validator.is_valid(&online), "online with a reason was accepted");
+        let mut unknown = serde_json::to_value(all[3].payload("door", "box-1", "run")).unwrap();
+        unknown["status"] = json!("running");
+        assert!(!validator.is_valid(&unknown));
     }
 }

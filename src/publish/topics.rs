@@ -1,6 +1,6 @@
 //! Topic names, built in one place so that every part of edgesight (and its tests) agrees on
 //! them. The layout is fixed by DESIGN.md: `<prefix>/<device>/status`,
-//! `<prefix>/<device>/<stream>/classification`, `<prefix>/<device>/<stream>/state` and
+//! `<prefix>/<device>/<stream>/classification`, `<prefix>/<device>/<stream>/state`, `<prefix>/<device>/<stream>/status` and
 //! `<prefix>/<device>/stats`. Names are checked by config validation (no `/`, `+`, `#` in the
 //! device id or stream names); this struct only joins them.
 
@@ -39,6 +39,12 @@ impl Topics {
         format!("{}/{stream}/state", self.base)
     }
 
+    /// `<prefix>/<device>/<stream>/status`: the retained state of the stream's source
+    /// (`online`, `reconnecting`, `failed`, `ended`).
+    pub fn stream_status(&self, stream: &str) -> String {
+        format!("{}/{stream}/status", self.base)
+    }
+
     /// `<prefix>/<device>/stats`: periodic statistics.
     pub fn stats(&self) -> String {
         format!("{}/stats", self.base)
@@ -62,6 +68,7 @@ mod tests {
         assert_eq!(topics.classification("door"), "edgesight/box-1/door/classification");
         assert_eq!(topics.state("door"), "edgesight/box-1/door/state");
         assert_eq!(topics.stats(), "edgesight/box-1/stats");
+        assert_eq!(topics.stream_status("door"), "edgesight/box-1/door/status");
         assert_eq!(topics.all(), "edgesight/box-1/#");
     }
 

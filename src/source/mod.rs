@@ -8,13 +8,24 @@
 //! its stale frames. Every stream ends with exactly one [`SourceEvent::Ended`] or
 //! [`SourceEvent::Failed`], so the engine can count streams down without guessing.
 //!
-//! The pieces: `pipeline` builds the element graph per source kind, `runner` is the thread
-//! (pull, sample, copy, send, watch the bus), `sampler` is the pure fps logic, and `video`
-//! offers the same machinery as a plain iterator for the one-shot `classify` command.
+//! Live sources (`v4l2`, `rtsp`, `test`, `pipeline`, live `uri`) are supervised: when one
+//! fails, ends or stalls it is rebuilt with backoff, and its state travels to the engine as
+//! [`SourceEvent::Status`] (published, retained, on the stream's `status` topic).
+//!
+//! The pieces: `pipeline` builds the `file` and `test` graphs and `kinds` the live ones,
+//! `runner` runs one attempt (pull, sample, copy, send, watch the bus), `supervisor` decides
+//! what follows an attempt, `backoff` the delays, `redact` keeps credentials out of texts,
+//! `sampler` is the pure fps logic, and `video` offers the same machinery as a plain iterator
+//! for the one-shot `classify` command.
 
+mod backoff;
+mod kinds;
 mod pipeline;
+mod redact;
 mod runner;
 mod sampler;
+mod status;
+mod supervisor;
 mod video;
 
 use std::panic::AssertUnwindSafe;
@@ -22,12 +33,16 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
-use crate::config::StreamSettings;
+use crate::config::{SourcesSettings, StreamSettings};
+use crate::metrics::Metrics;
 use crate::preprocess::Frame;
 
+pub use backoff::ReconnectBackoff;
+pub use redact::{Redactor, redact_url, split_credentials};
 pub use sampler::Sampler;
+pub use status::SourceStatus;
 pub use video::{VideoFrames, read_video};
 
 /// A sampled frame from a stream.
@@ -48,6 +63,12 @@ pub struct SourceFrame {
 #[derive(Debug)]
 pub enum SourceEvent {
     Frame(SourceFrame),
+    /// The source's state changed (`online`, `reconnecting`, `failed`, `ended`); the last
+    /// status comes right before [`SourceEvent::Ended`] or [`SourceEvent::Failed`].
+    Status {
+        stream: Arc<str>,
+        status: SourceStatus,
+    },
     /// The stream ended normally (end of file, or `frames` reached).
     Ended {
         stream: Arc<str>,
@@ -63,9 +84,14 @@ pub enum SourceEvent {
 /// there is one.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SourceError {
-    /// Anything else: a decoder or demuxer error, a missing GStreamer plugin, bad settings.
+    /// Anything else: a decoder or demuxer error, a lost camera or connection. A live source
+    /// is rebuilt after it.
     #[error("stream {stream}: {reason}")]
     Pipeline { stream: String, reason: String },
+    /// A problem that retrying cannot fix: bad settings, a missing GStreamer plugin or
+    /// decoder, refused credentials, a source without video.
+    #[error("stream {stream}: {reason}")]
+    Setup { stream: String, reason: String },
     /// The file stream's path does not exist (or is not a regular file).
     #[error("stream {stream}: {}: no such file", path.display())]
     NoSuchFile { stream: String, path: PathBuf },
@@ -75,6 +101,13 @@ pub enum SourceError {
         path.display()
     )]
     NoVideo { stream: String, path: PathBuf },
+}
+
+impl SourceError {
+    /// Whether rebuilding the source cannot help.
+    pub fn is_permanent(&self) -> bool {
+        !matches!(self, SourceError::Pipeline { .. })
+    }
 }
 
 /// Controls one running source thread.
@@ -123,44 +156,70 @@ impl Drop for SourceHandle {
     }
 }
 
-/// Starts the source for one stream on its own thread; frames and the final event go to
-/// `events`.
+/// Starts the source for one stream on its own thread; frames, status changes and the final
+/// event go to `events`, counters to `metrics.stream(name)`. `policy` says how a live source
+/// is watched and rebuilt (the stream's own `stall_timeout_s` wins over the policy's).
 ///
 /// Fails at once for settings no pipeline can run (an unknown kind, a `test` pattern
-/// GStreamer does not know, an fps that is not positive) or a missing GStreamer plugin.
-/// Problems with the input itself (a missing file, a file without video, a decoder error)
-/// arrive later as [`SourceEvent::Failed`].
+/// GStreamer does not know, a `pipeline` that does not parse, an fps that is not positive) or
+/// a missing GStreamer plugin. Problems with the input itself (a missing file, a file without
+/// video, a decoder error, a camera that does not answer) arrive later: for a live source as
+/// `reconnecting` statuses, for the others (and for what retrying cannot fix) as
+/// [`SourceEvent::Failed`].
 pub fn spawn(
     settings: &StreamSettings,
+    policy: &SourcesSettings,
+    metrics: Arc<Metrics>,
     events: crossbeam_channel::Sender<SourceEvent>,
 ) -> Result<SourceHandle, SourceError> {
     let stream: Arc<str> = Arc::from(settings.name.as_str());
     init_gstreamer(&stream)?;
-    let sampler = Sampler::new(settings.fps()).ok_or_else(|| SourceError::Pipeline {
-        stream: stream.to_string(),
-        reason: format!("fps {} must be a positive number", settings.fps()),
+    let setup = |reason: String| SourceError::Setup { stream: stream.to_string(), reason };
+    if Sampler::new(settings.fps()).is_none() {
+        return Err(setup(format!("fps {} must be a positive number", settings.fps())));
+    }
+    let first = pipeline::build(settings, &stream).map_err(|error| match error {
+        SourceError::Pipeline { stream, reason } => SourceError::Setup { stream, reason },
+        other => other,
     })?;
-    let built = pipeline::build(settings, &stream)?;
+    let stall_s = settings.stall_timeout_s.unwrap_or(policy.stall_timeout_s);
+    let stall = (stall_s.is_finite() && stall_s > 0.0).then(|| Duration::from_secs_f64(stall_s));
     let stop = Arc::new(AtomicBool::new(false));
-    // Kept apart from the runner so that a panic (a bug) still ends the stream with an event.
-    let last_word = (Arc::clone(&stream), events.clone());
-    let runner =
-        runner::Runner::new(built, Arc::clone(&stream), sampler, Arc::clone(&stop), events);
+    let stream_metrics = metrics.stream(&stream);
+    stream_metrics.set_status("starting");
+    // Kept apart from the supervisor so that a panic (a bug) still ends the stream with an
+    // event.
+    let last_word = (Arc::clone(&stream), events.clone(), Arc::clone(&stream_metrics));
+    let context = runner::Context {
+        stream: Arc::clone(&stream),
+        stop: Arc::clone(&stop),
+        events,
+        metrics: stream_metrics,
+        stall,
+        redactor: Redactor::for_stream(settings),
+    };
+    let supervisor = supervisor::Supervisor {
+        settings: settings.clone(),
+        policy: policy.clone(),
+        context,
+        first: Some(first),
+    };
     let thread = std::thread::Builder::new()
         .name(format!("source-{stream}"))
         .spawn(move || {
-            if std::panic::catch_unwind(AssertUnwindSafe(move || runner.run())).is_err() {
-                let (stream, events) = last_word;
+            if std::panic::catch_unwind(AssertUnwindSafe(move || supervisor.run())).is_err() {
+                let (stream, events, metrics) = last_word;
                 tracing::error!(stream = %stream, "source thread panicked; the stream is lost");
-                let reason = "the source thread crashed (a bug in edgesight; see the log)".into();
-                let error = SourceError::Pipeline { stream: stream.to_string(), reason };
+                let reason = "the source thread crashed (a bug in edgesight; see the log)";
+                metrics.set_status("failed");
+                let status = SourceStatus::Failed { reason: reason.into() };
+                let _ = events.send(SourceEvent::Status { stream: Arc::clone(&stream), status });
+                let error =
+                    SourceError::Pipeline { stream: stream.to_string(), reason: reason.into() };
                 let _ = events.send(SourceEvent::Failed { stream, error });
             }
         })
-        .map_err(|error| SourceError::Pipeline {
-            stream: stream.to_string(),
-            reason: format!("cannot start the source thread: {error}"),
-        })?;
+        .map_err(|error| setup(format!("cannot start the source thread: {error}")))?;
     Ok(SourceHandle { stream, stop, thread: Some(thread) })
 }
 

@@ -9,6 +9,9 @@
 //!
 //! `test`: `videotestsrc is-live=true` at 30 fps and the configured size, for demos and tests.
 //!
+//! The live kinds (`v4l2`, `rtsp`, `uri`, `pipeline`) are built in [`super::kinds`] from the
+//! helpers here.
+//!
 //! The graph is built in [`build`] on the caller's thread, so a missing plugin or a bad pattern
 //! fails `spawn` at once; it is started by the runner.
 
@@ -38,8 +41,12 @@ pub(super) struct Built {
     pub pipeline: gst::Pipeline,
     pub sink: gst_app::AppSink,
     pub input: Input,
-    /// A live source: stale frames are dropped rather than queued.
+    /// A live source: stale frames are dropped rather than queued, and the source is rebuilt
+    /// when it fails, stalls or ends (unless `ends`).
     pub live: bool,
+    /// The end of the input ends the stream (a file, a `test` with `frames`, a non-live
+    /// `uri`); otherwise a live source's end is a reason to rebuild it.
+    pub ends: bool,
 }
 
 pub(super) enum Input {
@@ -49,13 +56,24 @@ pub(super) enum Input {
         /// Set once decodebin's video pad is linked.
         video_linked: Arc<AtomicBool>,
     },
-    Test,
+    /// A graph whose video path is fixed when it is built (`test`, `pipeline`, `v4l2` with a
+    /// set format).
+    Fixed,
+    /// A graph that finds its video pad at run time (`rtsp`, `uri`, `v4l2` with `auto`).
+    Dynamic {
+        /// Set once the video pad is linked.
+        video_linked: Arc<AtomicBool>,
+    },
 }
 
 pub(super) fn build(settings: &StreamSettings, stream: &str) -> Result<Built, SourceError> {
     match settings.kind.as_str() {
         "file" => build_file(settings, stream),
         "test" => build_test(settings, stream),
+        "v4l2" => super::kinds::v4l2::build(settings, stream),
+        "rtsp" => super::kinds::rtsp::build(settings, stream),
+        "uri" => super::kinds::uri::build(settings, stream),
+        "pipeline" => super::kinds::launch::build(settings, stream),
         other => Err(SourceError::Pipeline {
             stream: stream.to_string(),
             reason: format!("source kind {other:?} is not supported by this version"),
@@ -96,13 +114,14 @@ fn build_file(settings: &StreamSettings, stream: &str) -> Result<Built, SourceEr
 
     let video_linked = Arc::new(AtomicBool::new(false));
     link_first_video_pad(&decode, &convert, Arc::clone(&video_linked), stream);
-    Ok(Built { pipeline, sink, input: Input::File { path, looping, video_linked }, live: false })
+    let input = Input::File { path, looping, video_linked };
+    Ok(Built { pipeline, sink, input, live: false, ends: true })
 }
 
 /// Links decodebin's first video pad to `convert`, and posts [`NO_VIDEO_MESSAGE`] when
 /// decodebin has exposed all its pads without a video one. Both callbacks run on GStreamer's
 /// streaming threads and only check caps and link.
-fn link_first_video_pad(
+pub(super) fn link_first_video_pad(
     decode: &gst::Element,
     convert: &gst::Element,
     video_linked: Arc<AtomicBool>,
@@ -166,13 +185,13 @@ fn build_test(settings: &StreamSettings, stream: &str) -> Result<Built, SourceEr
         .map_err(|failure| error(format!("cannot assemble the pipeline: {failure}")))?;
     gst::Element::link_many([&source, &filter, &convert, sink.upcast_ref()])
         .map_err(|failure| error(format!("cannot link the pipeline: {failure}")))?;
-    Ok(Built { pipeline, sink, input: Input::Test, live: true })
+    Ok(Built { pipeline, sink, input: Input::Fixed, live: true, ends: settings.frames.is_some() })
 }
 
 /// The RGB sink every graph ends in. `sync`: pace by timestamps. `live`: keep only the newest
 /// frame (older ones are dropped while the engine is busy); otherwise hold two and make the
 /// pipeline wait, so a file loses nothing.
-fn rgb_sink(sync: bool, live: bool) -> gst_app::AppSink {
+pub(super) fn rgb_sink(sync: bool, live: bool) -> gst_app::AppSink {
     let caps = gst::Caps::builder("video/x-raw").field("format", "RGB").build();
     gst_app::AppSink::builder()
         .caps(&caps)
@@ -183,7 +202,7 @@ fn rgb_sink(sync: bool, live: bool) -> gst_app::AppSink {
         .build()
 }
 
-fn make(factory: &str, stream: &str) -> Result<gst::Element, SourceError> {
+pub(super) fn make(factory: &str, stream: &str) -> Result<gst::Element, SourceError> {
     gst::ElementFactory::make(factory).build().map_err(|_| missing(factory, stream))
 }
 
@@ -199,7 +218,11 @@ fn missing(factory: &str, stream: &str) -> SourceError {
 
 /// Sets an enum property from its nick (`ball`) or number (`18`), listing the known nicks
 /// when the value is not one of them.
-fn set_enum_by_nick(element: &gst::Element, property: &str, nick: &str) -> Result<(), String> {
+pub(super) fn set_enum_by_nick(
+    element: &gst::Element,
+    property: &str,
+    nick: &str,
+) -> Result<(), String> {
     let spec = element
         .find_property(property)
         .ok_or_else(|| format!("{} has no property {property:?}", element.name()))?;

@@ -5,14 +5,21 @@
 //! a blocked hand-off (a full channel) never stalls a streaming thread in an unknown state.
 //! Between pulls it reads the pipeline's bus, which carries errors, warnings and the graph's
 //! own "no video" message, and it checks the stop flag. Whatever happens, [`Runner::run`] sets
-//! the pipeline to `Null` and sends exactly one final event.
+//! the pipeline to `Null` and says how the attempt ended; the supervisor decides what follows
+//! (the final event, or a rebuild) and sends it.
+//!
+//! A live source never queues stale frames: its `appsink` keeps only the newest frame (a pad
+//! probe counts what arrives, so frames the sink replaced are counted as dropped), and when
+//! the engine's queue is full the sampled frame waits in a one-frame slot that a newer frame
+//! replaces (the replaced one counted as dropped). A live source that delivers no frame for
+//! its stall timeout ends the attempt, to be rebuilt.
 
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
-use crossbeam_channel::{SendTimeoutError, Sender};
+use crossbeam_channel::{SendTimeoutError, Sender, TrySendError};
 use gstreamer as gst;
 use gstreamer::prelude::*;
 use gstreamer_app as gst_app;
@@ -20,7 +27,9 @@ use gstreamer_video as gst_video;
 use gstreamer_video::prelude::*;
 
 use super::pipeline::{Built, Input, NO_VIDEO_MESSAGE};
-use super::{Sampler, SourceError, SourceEvent, SourceFrame};
+use super::redact::Redactor;
+use super::{Sampler, SourceError, SourceEvent, SourceFrame, SourceStatus};
+use crate::metrics::StreamMetrics;
 use crate::preprocess::{Frame, pack_rows};
 
 /// How long one wait (for a sample, for room in the channel) lasts before the stop flag and the
@@ -39,6 +48,7 @@ pub(super) struct Runner {
     sink: gst_app::AppSink,
     input: Input,
     live: bool,
+    ends: bool,
     stream: Arc<str>,
     sampler: Sampler,
     stop: Arc<AtomicBool>,
@@ -55,6 +65,52 @@ pub(super) struct Runner {
     last_position_ns: Option<u64>,
     /// GStreamer warnings seen so far.
     warnings: u64,
+    metrics: Arc<StreamMetrics>,
+    /// Live sources: how long without a frame counts as a stall.
+    stall: Option<Duration>,
+    redactor: Redactor,
+    /// Buffers that reached the appsink (counted by a pad probe), and how many of them were
+    /// already added to the metrics as decoded and as dropped.
+    arrived: Arc<AtomicU64>,
+    counted_arrived: u64,
+    counted_dropped: u64,
+    /// Live sources: a sampled frame waiting for room in the engine's queue.
+    pending: Option<SourceEvent>,
+    /// When the last frame (or the start) was seen.
+    last_frame: Instant,
+    /// `online` was reported in this attempt.
+    online: bool,
+}
+
+/// How one attempt ended.
+#[derive(Debug)]
+pub(super) enum Outcome {
+    /// Asked to stop, or the receiver went away.
+    Stopped,
+    /// The input ended and that ends the stream.
+    Finished,
+    /// The input failed.
+    Failed(SourceError),
+    /// A live input ended or stalled; it should be rebuilt.
+    Ended(String),
+}
+
+/// What the supervisor learns from one attempt.
+#[derive(Debug)]
+pub(super) struct Report {
+    pub outcome: Outcome,
+    /// The attempt delivered frames (the source was online).
+    pub online: bool,
+}
+
+/// What the runner needs besides the graph.
+pub(super) struct Context {
+    pub stream: Arc<str>,
+    pub stop: Arc<AtomicBool>,
+    pub events: Sender<SourceEvent>,
+    pub metrics: Arc<StreamMetrics>,
+    pub stall: Option<Duration>,
+    pub redactor: Redactor,
 }
 
 /// Why the loop ended without an error.
@@ -63,25 +119,30 @@ enum Halt {
     Stopped,
     /// The input ended.
     Finished,
+    /// A live input ended or stalled.
+    Interrupted(String),
 }
 
 impl Runner {
-    pub(super) fn new(
-        built: Built,
-        stream: Arc<str>,
-        sampler: Sampler,
-        stop: Arc<AtomicBool>,
-        events: Sender<SourceEvent>,
-    ) -> Runner {
+    pub(super) fn new(built: Built, sampler: Sampler, context: &Context) -> Runner {
+        let arrived = Arc::new(AtomicU64::new(0));
+        if let Some(pad) = built.sink.static_pad("sink") {
+            let counter = Arc::clone(&arrived);
+            pad.add_probe(gst::PadProbeType::BUFFER, move |_, _| {
+                counter.fetch_add(1, Ordering::Relaxed);
+                gst::PadProbeReturn::Ok
+            });
+        }
         Runner {
             pipeline: built.pipeline,
             sink: built.sink,
             input: built.input,
             live: built.live,
-            stream,
+            ends: built.ends,
+            stream: Arc::clone(&context.stream),
             sampler,
-            stop,
-            events,
+            stop: Arc::clone(&context.stop),
+            events: context.events.clone(),
             layout: None,
             started: Instant::now(),
             decoded: 0,
@@ -89,43 +150,45 @@ impl Runner {
             decoded_this_pass: 0,
             last_position_ns: None,
             warnings: 0,
+            metrics: Arc::clone(&context.metrics),
+            stall: context.stall.filter(|_| built.live),
+            redactor: context.redactor.clone(),
+            arrived,
+            counted_arrived: 0,
+            counted_dropped: 0,
+            pending: None,
+            last_frame: Instant::now(),
+            online: false,
         }
     }
 
-    /// Runs the pipeline to its end and sends the final event.
-    pub(super) fn run(mut self) {
+    /// Runs the pipeline until it ends, fails, stalls or is stopped.
+    pub(super) fn run(mut self) -> Report {
         let path = self.path().map(|path| path.display().to_string());
         tracing::info!(stream = %self.stream, path = ?path, live = self.live, "source starting");
         let outcome = self.play();
         if let Err(failure) = self.pipeline.set_state(gst::State::Null) {
             tracing::warn!(stream = %self.stream, %failure, "cannot stop the pipeline cleanly");
         }
-        let stream = Arc::clone(&self.stream);
-        let event = match outcome {
-            Ok(halt) => {
-                let reason = if matches!(halt, Halt::Stopped) { "stopped" } else { "finished" };
-                tracing::info!(
-                    stream = %stream, decoded = self.decoded, sampled = self.sampled, reason,
-                    "source ended"
-                );
-                SourceEvent::Ended { stream }
-            }
-            Err(error) => {
-                tracing::warn!(
-                    stream = %stream, decoded = self.decoded, sampled = self.sampled, %error,
-                    "source failed"
-                );
-                SourceEvent::Failed { stream, error }
-            }
+        if self.pending.take().is_some() {
+            self.metrics.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        self.count_arrivals(self.decoded, 0);
+        let (decoded, sampled) = (self.decoded, self.sampled);
+        let outcome = match outcome {
+            Ok(Halt::Stopped) => Outcome::Stopped,
+            Ok(Halt::Finished) => Outcome::Finished,
+            Ok(Halt::Interrupted(reason)) => Outcome::Ended(reason),
+            Err(error) => Outcome::Failed(error),
         };
-        // The final event is always delivered; a dropped receiver is the only excuse.
-        let _ = self.events.send(event);
+        tracing::debug!(stream = %self.stream, decoded, sampled, ?outcome, "source attempt over");
+        Report { outcome, online: self.online }
     }
 
     fn path(&self) -> Option<&Path> {
         match &self.input {
             Input::File { path, .. } => Some(path),
-            Input::Test => None,
+            Input::Fixed | Input::Dynamic { .. } => None,
         }
     }
 
@@ -150,6 +213,18 @@ impl Runner {
             if self.stop.load(Ordering::Relaxed) {
                 return Ok(Halt::Stopped);
             }
+            if let Some(halt) = self.flush_pending() {
+                return Ok(halt);
+            }
+            if let Some(stall) = self.stall
+                && self.last_frame.elapsed() >= stall
+            {
+                let what = if self.online { "no frame" } else { "no first frame" };
+                return Ok(Halt::Interrupted(format!(
+                    "{what} for {:.1} s; the source stalled",
+                    stall.as_secs_f64()
+                )));
+            }
             if let Err(error) = self.drain_bus(&bus) {
                 // Hand over what was decoded before the error, then report it.
                 while let Some(sample) = self.sink.try_pull_sample(gst::ClockTime::ZERO) {
@@ -167,9 +242,13 @@ impl Runner {
                 }
                 None if self.sink.is_eos() => {
                     self.drain_bus(&bus)?;
-                    if !self.restart_at_end()? {
-                        return self.finish();
+                    if self.restart_at_end()? {
+                        continue;
                     }
+                    if self.live && !self.ends {
+                        return Ok(Halt::Interrupted("the source ended".into()));
+                    }
+                    return self.finish();
                 }
                 None => {}
             }
@@ -185,7 +264,8 @@ impl Runner {
                 gst::MessageView::Error(error) => return Err(self.describe_error(error)),
                 gst::MessageView::Warning(warning) => {
                     let source = warning.src().map(|source| source.name().to_string());
-                    let (error, details) = (warning.error(), warning.debug());
+                    let error = self.redactor.scrub(&warning.error().to_string());
+                    let details = warning.debug().map(|debug| self.redactor.scrub(&debug));
                     self.warnings += 1;
                     if self.warnings <= LOUD_WARNINGS {
                         tracing::warn!(
@@ -263,6 +343,19 @@ impl Runner {
         let Some(buffer) = sample.buffer() else {
             return Ok(None);
         };
+        self.last_frame = Instant::now();
+        self.count_arrivals(self.decoded + 1, 1);
+        if !self.online {
+            self.online = true;
+            self.metrics.set_status("online");
+            let status = SourceEvent::Status {
+                stream: Arc::clone(&self.stream),
+                status: SourceStatus::Online,
+            };
+            if let Some(halt) = self.send(status) {
+                return Ok(Some(halt));
+            }
+        }
         self.decoded += 1;
         self.decoded_this_pass += 1;
         let position_ns = stream_time(sample, buffer);
@@ -283,7 +376,55 @@ impl Runner {
             frame,
         });
         self.sampled += 1;
-        Ok(self.send(event))
+        Ok(self.deliver(event))
+    }
+
+    /// Adds the buffers that reached the sink since the last call to `decoded`, and those the
+    /// sink dropped (arrived but not among the `pulled` ones, less the `waiting` one that may
+    /// still sit in the sink) to `dropped`.
+    fn count_arrivals(&mut self, pulled: u64, waiting: u64) {
+        let arrived = self.arrived.load(Ordering::Relaxed);
+        let new = arrived.saturating_sub(self.counted_arrived);
+        self.metrics.decoded.fetch_add(new, Ordering::Relaxed);
+        self.counted_arrived = arrived;
+        let dropped = arrived.saturating_sub(pulled).saturating_sub(waiting);
+        if self.live && dropped > self.counted_dropped {
+            let more = dropped - self.counted_dropped;
+            self.metrics.dropped.fetch_add(more, Ordering::Relaxed);
+            self.counted_dropped = dropped;
+        }
+    }
+
+    /// Hands a frame to the engine. A file source waits for room; a live source puts it in the
+    /// one-frame slot when the queue is full, replacing (and counting as dropped) an older one.
+    fn deliver(&mut self, event: SourceEvent) -> Option<Halt> {
+        if !self.live {
+            let halt = self.send(event);
+            if halt.is_none() {
+                self.metrics.sampled.fetch_add(1, Ordering::Relaxed);
+            }
+            return halt;
+        }
+        if self.pending.replace(event).is_some() {
+            self.metrics.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        self.flush_pending()
+    }
+
+    /// Tries once to move the waiting live frame into the engine's queue.
+    fn flush_pending(&mut self) -> Option<Halt> {
+        let event = self.pending.take()?;
+        match self.events.try_send(event) {
+            Ok(()) => {
+                self.metrics.sampled.fetch_add(1, Ordering::Relaxed);
+                None
+            }
+            Err(TrySendError::Full(event)) => {
+                self.pending = Some(event);
+                None
+            }
+            Err(TrySendError::Disconnected(_)) => Some(Halt::Stopped),
+        }
     }
 
     /// Copies the RGB picture out of `buffer` with tight rows. GStreamer pads each RGB row to
@@ -349,12 +490,23 @@ impl Runner {
     }
 
     fn failure(&self, reason: String) -> SourceError {
-        SourceError::Pipeline { stream: self.stream.to_string(), reason }
+        SourceError::Pipeline {
+            stream: self.stream.to_string(),
+            reason: self.redactor.scrub(&reason),
+        }
+    }
+
+    fn setup_failure(&self, reason: String) -> SourceError {
+        SourceError::Setup { stream: self.stream.to_string(), reason: self.redactor.scrub(&reason) }
     }
 
     fn no_video(&self) -> SourceError {
-        let path = self.path().map(Path::to_path_buf).unwrap_or_default();
-        SourceError::NoVideo { stream: self.stream.to_string(), path }
+        match self.path() {
+            Some(path) => {
+                SourceError::NoVideo { stream: self.stream.to_string(), path: path.to_path_buf() }
+            }
+            None => self.setup_failure("the source offers no video stream".into()),
+        }
     }
 
     /// Words for a GStreamer error message: what failed, in which element, for which file.
@@ -364,8 +516,10 @@ impl Runner {
         let element = message.src().map(|source| source.name().to_string()).unwrap_or_default();
         tracing::debug!(stream = %self.stream, %element, %error, %details, "GStreamer error");
         let video_linked = match &self.input {
-            Input::File { video_linked, .. } => video_linked.load(Ordering::SeqCst),
-            Input::Test => true,
+            Input::File { video_linked, .. } | Input::Dynamic { video_linked } => {
+                video_linked.load(Ordering::SeqCst)
+            }
+            Input::Fixed => true,
         };
         if !video_linked && details.contains("not-linked") {
             return self.no_video();
@@ -390,15 +544,23 @@ impl Runner {
         } else if error.matches(gst::StreamError::Decode) || error.matches(gst::StreamError::Demux)
         {
             "the file is corrupt or truncated"
-        } else if error.matches(gst::ResourceError::Read) {
+        } else if error.matches(gst::ResourceError::Read) && self.path().is_some() {
             "the file cannot be read"
-        } else {
+        } else if self.path().is_some() {
             "decoding failed"
+        } else {
+            "the source failed"
         };
-        self.failure(format!(
-            "{place}{what} after {} decoded frames ({element}: {error})",
-            self.decoded
-        ))
+        let reason =
+            format!("{place}{what} after {} decoded frames ({element}: {error})", self.decoded);
+        // What retrying cannot fix: a missing decoder, refused credentials.
+        if error.matches(gst::CoreError::MissingPlugin)
+            || error.matches(gst::StreamError::CodecNotFound)
+            || error.matches(gst::ResourceError::NotAuthorized)
+        {
+            return self.setup_failure(reason);
+        }
+        self.failure(reason)
     }
 }
 

@@ -34,7 +34,9 @@ pub fn read_video(path: &Path, fps: f64) -> VideoFrames {
         ..StreamSettings::default()
     };
     let (sender, events) = crossbeam_channel::bounded(QUEUE);
-    match spawn(&settings, sender) {
+    // A file is never rebuilt, so the policy does not matter; nobody reads these counters.
+    let policy = crate::config::SourcesSettings::default();
+    match spawn(&settings, &policy, crate::metrics::Metrics::new(), sender) {
         Ok(handle) => VideoFrames { handle: Some(handle), events, pending: None, done: false },
         Err(error) => VideoFrames { handle: None, events, pending: Some(error), done: false },
     }
@@ -60,7 +62,12 @@ impl Iterator for VideoFrames {
             self.done = true;
             return Some(Err(error));
         }
-        match self.events.recv() {
+        let mut event = self.events.recv();
+        while let Ok(SourceEvent::Status { .. }) = event {
+            event = self.events.recv();
+        }
+        match event {
+            Ok(SourceEvent::Status { .. }) => None,
             Ok(SourceEvent::Frame(frame)) => Some(Ok(frame)),
             Ok(SourceEvent::Ended { .. }) => {
                 self.done = true;
@@ -91,7 +98,7 @@ impl Drop for VideoFrames {
         // The thread's final event needs room in the channel: take events until it is sent.
         if !self.done {
             for event in self.events.iter() {
-                if !matches!(event, SourceEvent::Frame(_)) {
+                if matches!(event, SourceEvent::Ended { .. } | SourceEvent::Failed { .. }) {
                     break;
                 }
             }
