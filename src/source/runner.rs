@@ -13,6 +13,12 @@
 //! the engine's queue is full the sampled frame waits in a one-frame slot that a newer frame
 //! replaces (the replaced one counted as dropped). A live source that delivers no frame for
 //! its stall timeout ends the attempt, to be rebuilt.
+//!
+//! Known shortcoming: "newest wins" holds per stream only up to the engine's shared queue;
+//! frames already in it (at most `engine.queue`, all streams together) are not replaced by
+//! newer ones, so a live frame can wait behind them. A per-stream latest-frame slot read by
+//! the engine (the batching work) would retire this. The appsink drop count can also lag by
+//! one frame while a frame waits in the sink; the final count at teardown is exact.
 
 use std::path::Path;
 use std::sync::Arc;
