@@ -366,3 +366,34 @@ fn a_pipeline_that_does_not_parse_fails_at_spawn_naming_the_stream() {
     let text = error.to_string();
     assert!(text.starts_with("stream bad: pipeline cannot be parsed"), "{text}");
 }
+
+#[test]
+fn a_file_uri_with_audio_and_subtitles_gives_its_video_then_ends() {
+    let path =
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/corpus/vid_vp9_opus_webvtt_320x180.webm");
+    let path = std::fs::canonicalize(path).unwrap();
+    let settings = StreamSettings {
+        name: "clip".into(),
+        kind: "uri".into(),
+        url: Some(format!("file://{}", path.display())),
+        fps: Some(5.0),
+        ..StreamSettings::default()
+    };
+    let (sender, events) = crossbeam_channel::bounded(8);
+    let handle = spawn(&settings, &policy(), Metrics::new(), sender).unwrap();
+    let mut seen = Vec::new();
+    watch(&events, &mut seen, Duration::from_secs(30), "the end of the file", |seen| {
+        seen.iter().any(|(_, item)| matches!(item, Seen::Ended | Seen::Failed(_)))
+    });
+    handle.join();
+    let sizes: Vec<(u32, u32)> = seen
+        .iter()
+        .filter_map(|(_, item)| match item {
+            Seen::Frame { width, height, .. } => Some((*width, *height)),
+            _ => None,
+        })
+        .collect();
+    assert!(!sizes.is_empty() && sizes.iter().all(|size| *size == (320, 180)), "{sizes:?}");
+    // A file:// URI is finite: it ends, it is not rebuilt.
+    assert_eq!(words(&statuses_of(&seen, "clip")), ["online", "ended"]);
+}
