@@ -150,7 +150,7 @@ fn run(config: Option<&Path>) -> anyhow::Result<ExitCode> {
         );
     }
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    let outcome = runtime.block_on(service::run(settings))?;
+    let outcome = runtime.block_on(service::run(settings, file))?;
     Ok(if outcome.all_failed() || outcome.unacknowledged > 0 {
         ExitCode::from(1)
     } else {

@@ -5,8 +5,8 @@
 //! cannot start is reported on its retained state topic and the others go on. Shutdown, on the
 //! end of every stream or on SIGINT/SIGTERM: sources stop and send their last event, the
 //! engine drains its queue, the stats task sends its last message and the metrics endpoint
-//! closes, the publisher flushes QoS ≥ 1 messages, publishes `offline` and disconnects. Under
-//! systemd, [`notify`] tells the manager about each step and [`health`] feeds the watchdog while
+//! closes, the publisher flushes QoS ≥ 1 messages, publishes `offline` and disconnects. SIGHUP
+//! re-reads the config file and applies it without a restart ([`reload`]). Under systemd, [`notify`] tells the manager about each step and [`health`] feeds the watchdog while
 //! the engine makes progress.
 
 pub mod health;
@@ -26,8 +26,8 @@ use crate::metrics::server::MetricsServer;
 use crate::metrics::{Metrics, stats};
 use crate::model::{self, Bundle, ModelError, SynthOptions};
 use crate::publish::{Publisher, broker};
-use crate::source::{self, SourceEvent};
 use notify::Notifier;
+use reload::Running;
 
 /// Why the daemon could not run.
 #[derive(Debug, thiserror::Error)]
@@ -86,7 +86,12 @@ pub fn prepare_bundle(path: &Path, synth_if_missing: bool) -> Result<Bundle, Ser
 const START_EXTEND_EVERY: Duration = Duration::from_secs(10);
 
 /// Runs the daemon until every stream has ended or a signal arrives.
-pub async fn run(settings: Settings) -> Result<RunOutcome, ServiceError> {
+///
+/// `config_file` is the file the settings came from; SIGHUP re-reads it (see [`reload`]).
+pub async fn run(
+    settings: Settings,
+    config_file: Option<PathBuf>,
+) -> Result<RunOutcome, ServiceError> {
     // Installed first, so that a signal during start-up (the model takes seconds to load) is
     // a clean stop rather than the default action that kills the process.
     let mut signals = Signals::install();
@@ -105,11 +110,15 @@ pub async fn run(settings: Settings) -> Result<RunOutcome, ServiceError> {
         tokio::select! {
             started = &mut starting => break started?,
             _ = extend.tick() => notifier.extend_timeout(START_EXTEND_EVERY * 3),
-            signal = signals.recv() => {
-                info!(%signal, "stopping during start-up");
-                notifier.stopping("stopping during start-up");
-                let summary = EngineSummary::default();
-                return Ok(RunOutcome { summary, interrupted: true, unacknowledged: 0 });
+            received = signals.recv() => match received {
+                Received::Stop(signal) => {
+                    info!(%signal, "stopping during start-up");
+                    notifier.stopping("stopping during start-up");
+                    let summary = EngineSummary::default();
+                    return Ok(RunOutcome { summary, interrupted: true, unacknowledged: 0 });
+                }
+                Received::Reload => info!("SIGHUP during start-up; the configuration just read \
+                    stays"),
             }
         }
     };
@@ -131,6 +140,8 @@ pub async fn run(settings: Settings) -> Result<RunOutcome, ServiceError> {
     let (events_tx, events_rx) = crossbeam_channel::bounded(settings.engine.queue);
     let options = EngineOptions::from_settings(&settings, &run_id);
     let engine = Engine::new(backend, &bundle, options, Arc::clone(&metrics));
+    let slot = engine.model_slot();
+    let checksum = bundle.identity.checksum.clone();
     let engine_out = out.clone();
     let (done_tx, mut done_rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
@@ -141,45 +152,40 @@ pub async fn run(settings: Settings) -> Result<RunOutcome, ServiceError> {
         })
         .map_err(ServiceError::Thread)?;
 
-    let mut handles = Vec::new();
-    for stream in &settings.streams {
-        match source::spawn(stream, &settings.sources, Arc::clone(&metrics), events_tx.clone()) {
-            Ok(handle) => handles.push(handle),
-            Err(error) => {
-                error!(stream = %stream.name, %error, "stream cannot start");
-                let name: Arc<str> = stream.name.as_str().into();
-                metrics.stream(&stream.name).set_status("failed");
-                let status = source::SourceStatus::Failed { reason: error.to_string() };
-                let _ = events_tx.send(SourceEvent::Status { stream: name.clone(), status });
-                let _ = events_tx.send(SourceEvent::Failed { stream: name, error });
-            }
-        }
-    }
-    // The engine ends when the last sender is gone: the one each source holds.
-    drop(events_tx);
-    info!(streams = handles.len(), "running");
-    notifier.ready(&format!("running: {} streams started", handles.len()));
+    let mut running = Running::new(settings.clone(), events_tx, Arc::clone(&metrics), checksum);
+    running.start_all();
+    info!(streams = running.running(), "running");
+    notifier.ready(&format!("running: {} streams started", running.running()));
     let pulse = health::spawn(Arc::clone(&notifier), Arc::clone(&metrics));
 
+    // Until every stream has ended or a stop signal: SIGHUP reloads, and a look every
+    // quarter second lets the engine drain once the last source has finished.
     let mut interrupted = false;
-    let summary = tokio::select! {
-        summary = &mut done_rx => summary.ok(),
-        signal = signals.recv() => {
-            info!(%signal, "stopping");
-            interrupted = true;
-            None
+    let mut look = tokio::time::interval(Duration::from_millis(250));
+    let summary = loop {
+        tokio::select! {
+            summary = &mut done_rx => break summary.ok(),
+            received = signals.recv() => match received {
+                Received::Stop(signal) => {
+                    info!(%signal, "stopping");
+                    interrupted = true;
+                    break None;
+                }
+                Received::Reload => {
+                    reload(&mut running, config_file.as_deref(), &slot, &notifier).await;
+                }
+            },
+            _ = look.tick() => {
+                running.release_when_all_ended();
+            }
         }
     };
     pulse.abort();
     notifier.stopping("stopping: draining the engine and flushing MQTT");
+    let handles = running.stop_all();
     let summary = match summary {
         Some(summary) => summary,
-        None => {
-            for handle in &handles {
-                handle.stop();
-            }
-            done_rx.await.unwrap_or_default()
-        }
+        None => done_rx.await.unwrap_or_default(),
     };
     let handles_done = tokio::task::spawn_blocking(move || {
         for handle in handles {
@@ -238,28 +244,68 @@ async fn start(settings: &Settings, metrics: &Arc<Metrics>) -> Result<Started, S
     Ok(Started { bundle, backend, broker, publisher })
 }
 
-/// SIGINT and SIGTERM, caught from the moment [`Signals::install`] returns.
+/// Re-reads the config file on SIGHUP and tells systemd about it.
+async fn reload(
+    running: &mut Running,
+    file: Option<&Path>,
+    slot: &crate::engine::ModelSlot,
+    notifier: &Notifier,
+) {
+    let Some(file) = file else {
+        warn!("SIGHUP: this run has no config file (the built-in demo); nothing to reload");
+        return;
+    };
+    notifier.reloading(&format!("reloading {}", file.display()));
+    match running.reload(file, slot).await {
+        Ok(done) => info!(
+            config = %file.display(),
+            started = done.started,
+            stopped = done.stopped,
+            restarted = done.restarted,
+            model_swapped = done.model_swapped,
+            "configuration reloaded"
+        ),
+        Err(reason) => error!(
+            config = %file.display(),
+            %reason,
+            "reload refused; the running configuration and model stay"
+        ),
+    }
+    notifier.ready(&format!("running: {} streams", running.running()));
+}
+
+/// What [`Signals::recv`] caught.
+enum Received {
+    /// SIGINT or SIGTERM, by name.
+    Stop(&'static str),
+    /// SIGHUP.
+    Reload,
+}
+
+/// SIGINT, SIGTERM and SIGHUP, caught from the moment [`Signals::install`] returns.
 struct Signals {
     interrupt: Option<Signal>,
     terminate: Option<Signal>,
+    hangup: Option<Signal>,
 }
 
 impl Signals {
     fn install() -> Signals {
         let interrupt = signal(SignalKind::interrupt()).ok();
         let terminate = signal(SignalKind::terminate()).ok();
-        if interrupt.is_none() || terminate.is_none() {
+        let hangup = signal(SignalKind::hangup()).ok();
+        if interrupt.is_none() || terminate.is_none() || hangup.is_none() {
             warn!("cannot install signal handlers; only the end of every stream stops the daemon");
         }
-        Signals { interrupt, terminate }
+        Signals { interrupt, terminate, hangup }
     }
 
-    /// Resolves on SIGINT or SIGTERM with the signal's name.
-    async fn recv(&mut self) -> &'static str {
-        match (&mut self.interrupt, &mut self.terminate) {
-            (Some(interrupt), Some(terminate)) => tokio::select! {
-                _ = interrupt.recv() => "SIGINT",
-                _ = terminate.recv() => "SIGTERM",
+    async fn recv(&mut self) -> Received {
+        match (&mut self.interrupt, &mut self.terminate, &mut self.hangup) {
+            (Some(interrupt), Some(terminate), Some(hangup)) => tokio::select! {
+                _ = interrupt.recv() => Received::Stop("SIGINT"),
+                _ = terminate.recv() => Received::Stop("SIGTERM"),
+                _ = hangup.recv() => Received::Reload,
             },
             _ => std::future::pending().await,
         }

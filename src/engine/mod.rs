@@ -13,8 +13,8 @@ pub mod batch;
 pub mod smoothing;
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, TryRecvError};
@@ -184,6 +184,8 @@ impl StreamBook {
         let entry = self.entry(stream);
         let seq = entry.next_seq;
         entry.next_seq += 1;
+        // A stream that ended and runs again (restarted by a reload) says so in its state.
+        let resumed = std::mem::replace(&mut entry.finished, false);
         let seconds = at.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
         let smoothed = entry.smoother.push(scores, seconds.as_secs_f64());
         let raw = top_k(scores, 1).first().map(|&index| (index, scores[index]));
@@ -197,7 +199,7 @@ impl StreamBook {
         Recorded {
             seq,
             label: smoothed.label,
-            changed: smoothed.changed,
+            changed: smoothed.changed || resumed,
             since: entry.since.unwrap_or(at),
         }
     }
@@ -224,6 +226,17 @@ impl StreamBook {
     /// A state of `stream` went to the publisher at `now`.
     pub fn state_sent(&mut self, stream: &Arc<str>, now: Instant) {
         self.entry(stream).last_state = Some(now);
+    }
+
+    /// Forgets every stream's labels and smoothing (a new model with other labels), keeping
+    /// the sequence numbers; each stream's next frame publishes its state again.
+    pub fn reset_labels(&mut self) {
+        for entry in self.streams.values_mut() {
+            entry.smoother = entry.smoother.fresh();
+            entry.since = None;
+            entry.raw = None;
+            entry.score = None;
+        }
     }
 
     /// `stream` ended or failed: it gets no more heartbeats.
@@ -351,10 +364,38 @@ impl FrameModel {
 /// The publisher has gone away; the engine stops.
 struct Stopped;
 
+/// The model fields of every payload.
+fn model_ref(bundle: &Bundle) -> ModelRef {
+    ModelRef {
+        name: bundle.identity.name.clone(),
+        version: bundle.identity.version.clone(),
+        checksum: bundle.identity.checksum.clone(),
+    }
+}
+
+/// A model waiting to replace the engine's current one (SIGHUP reload). The engine takes it
+/// before its next batch, so a batch never mixes two models and no frame waits for the load.
+#[derive(Clone, Default)]
+pub struct ModelSlot(Arc<Mutex<Option<(FrameModel, ModelRef)>>>);
+
+impl ModelSlot {
+    /// Queues `model` (built from `bundle`); a model queued earlier and not taken yet is
+    /// replaced.
+    pub fn put(&self, model: FrameModel, bundle: &Bundle) {
+        let identity = model_ref(bundle);
+        *self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some((model, identity));
+    }
+
+    fn take(&self) -> Option<(FrameModel, ModelRef)> {
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).take()
+    }
+}
+
 /// Runs frames through the model until every stream has ended and the channel is closed.
 pub struct Engine {
     frames: FrameModel,
     model: ModelRef,
+    slot: ModelSlot,
     options: EngineOptions,
     book: StreamBook,
     metrics: Arc<Metrics>,
@@ -369,15 +410,17 @@ impl Engine {
     ) -> Engine {
         Engine {
             frames: FrameModel::new(backend, bundle),
-            model: ModelRef {
-                name: bundle.identity.name.clone(),
-                version: bundle.identity.version.clone(),
-                checksum: bundle.identity.checksum.clone(),
-            },
+            model: model_ref(bundle),
+            slot: ModelSlot::default(),
             book: StreamBook::new(options.smoothing.clone(), options.stream_smoothing.clone()),
             options,
             metrics,
         }
+    }
+
+    /// Where a reload puts the next model; the engine swaps it in before its next batch.
+    pub fn model_slot(&self) -> ModelSlot {
+        self.slot.clone()
     }
 
     /// Consumes events until all senders are gone, sending results to `out`. Returns early
@@ -528,6 +571,16 @@ impl Engine {
         batch: &mut Vec<SourceFrame>,
         out: &mpsc::Sender<Message>,
     ) -> Result<(), Stopped> {
+        if let Some((model, identity)) = self.slot.take() {
+            info!(
+                from = %self.model.checksum, to = %identity.checksum, model = %identity.name,
+                "model swapped"
+            );
+            self.frames = model;
+            self.model = identity;
+            // Label indices of the old model mean nothing to the new one.
+            self.book.reset_labels();
+        }
         let frames: Vec<SourceFrame> = std::mem::take(batch);
         let queued: Vec<Duration> =
             frames.iter().map(|frame| frame.captured.elapsed().unwrap_or_default()).collect();

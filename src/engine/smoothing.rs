@@ -38,6 +38,11 @@ pub struct Smoother {
 }
 
 impl Smoother {
+    /// A smoother with the same settings and no history.
+    pub fn fresh(&self) -> Smoother {
+        Smoother::new(self.settings.clone())
+    }
+
     /// A smoother for valid settings (see `Settings::validate`).
     pub fn new(settings: SmoothingSettings) -> Smoother {
         Smoother {
