@@ -27,10 +27,12 @@ async fn a_stalling_source_shows_its_state_on_the_retained_status_topic() {
     settings.mqtt.prefix = "edgesight-test".into();
     settings.mqtt.flush_timeout_s = 3;
     settings.mqtt.keep_alive_s = 5;
+    let spool = tempfile::tempdir().expect("spool dir");
+    settings.mqtt.spool_dir = Some(spool.path().to_path_buf());
     let topics = Topics::new("edgesight-test", "box-9");
     let topic = topics.stream_status("still");
     let mut watcher = Subscriber::connect(broker.port, "watcher", &topic).await;
-    let publisher = Publisher::start(&settings).await.expect("publisher");
+    let publisher = Publisher::start(&settings, Metrics::new()).await.expect("publisher");
 
     // Five frames, then silence without end-of-stream: a stall after 1 s, then a rebuild.
     let launch = "videotestsrc is-live=true num-buffers=5 \
