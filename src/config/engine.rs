@@ -43,7 +43,7 @@ impl SmoothingSettings {
 impl Settings {
     /// Batching, smoothing and metrics keys (engine issue 5): `engine.max_batch`,
     /// `engine.max_wait_ms`, `[smoothing]`, each stream's `smoothing` table and `[metrics]`.
-    fn engine_problems(&self) -> Vec<Problem> {
+    pub(super) fn engine_problems(&self) -> Vec<Problem> {
         let mut problems = Vec::new();
         let mut problem = |key: String, message: String| problems.push(Problem { key, message });
         if !(1..=64).contains(&self.engine.max_batch) {

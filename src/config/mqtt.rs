@@ -6,7 +6,7 @@ use super::Settings;
 
 impl Settings {
     /// The spool and TLS keys of `[mqtt]`.
-    fn validate_publisher(&self, problem: &mut impl FnMut(&str, String)) {
+    pub(super) fn validate_publisher(&self, problem: &mut impl FnMut(&str, String)) {
         let mqtt = &self.mqtt;
         if mqtt.spool_max_mb == 0 {
             problem("mqtt.spool_max_mb", "must be at least 1 (MiB)".into());
