@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs what the tests need (GStreamer, Mosquitto, onnxruntime for the reference test),
-# starts Mosquitto on a free 127.0.0.1 port, and runs every test.
+# Installs what the tests need (GStreamer with its RTSP server library, Mosquitto, OpenSSL for
+# the TLS test certificates, systemd's tools for the unit checks, onnxruntime for the reference
+# test), starts Mosquitto on a free 127.0.0.1 port, and runs every test.
 #
 # Caches live outside the checkout (~/.cache/edgesight): the cargo target directory and a
 # Python virtual environment. Both are rebuilt when missing, so a clean machine works too.
@@ -14,7 +15,8 @@ mkdir -p "$cache"
 # 1. System packages, installed only when missing.
 scripts/install-packages.sh pkg-config libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev \
   gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad \
-  gstreamer1.0-libav gstreamer1.0-tools mosquitto mosquitto-clients python3 python3-venv
+  gstreamer1.0-libav gstreamer1.0-tools gstreamer1.0-rtsp libgstrtspserver-1.0-dev \
+  mosquitto mosquitto-clients openssl systemd python3 python3-venv
 
 # 2. onnxruntime (PyPI) for the backbone reference test, in a venv outside the checkout.
 venv="$cache/venv"
@@ -40,8 +42,13 @@ done
 export EDGESIGHT_TEST_MQTT_PORT="$port"
 echo "mosquitto on 127.0.0.1:$port"
 
-# 4. Style, then every test (unit, integration, doc) and a compile of the benchmarks.
+# 4. Style and lints, then every test (unit, integration, doc) and a compile of the benchmarks.
 cargo fmt --all -- --check
+if cargo clippy --version >/dev/null 2>&1; then
+  cargo clippy --all-targets --locked -- -D warnings
+else
+  echo "cargo clippy is not installed; lints skipped"
+fi
 cargo build --all-targets --locked
 cargo test --doc --locked
 cargo test --all-targets --locked
