@@ -278,6 +278,46 @@ fn test_source_stops_when_asked() {
 }
 
 #[test]
+fn a_live_stream_keeps_one_frame_in_the_engine_queue_and_it_is_a_fresh_one() {
+    let settings = StreamSettings {
+        name: "live".into(),
+        kind: "test".into(),
+        fps: Some(30.0),
+        ..StreamSettings::default()
+    };
+    // A queue with room for eight frames that nobody reads for a second: a busy engine.
+    let (sender, events) = crossbeam_channel::bounded(8);
+    let metrics = Metrics::new();
+    let handle = spawn(&settings, &SourcesSettings::default(), metrics.clone(), sender).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    let waiting: Vec<SourceEvent> = events.try_iter().collect();
+    let frames: Vec<&SourceFrame> = waiting
+        .iter()
+        .filter_map(|event| match event {
+            SourceEvent::Frame(frame) => Some(frame),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(frames.len(), 1, "one frame of the live stream waited, not a backlog");
+    let stream = metrics.stream("live");
+    stream.dequeue();
+    assert!(stream.dropped.load(std::sync::atomic::Ordering::Relaxed) > 10, "stale frames dropped");
+
+    // The next frame handed over is a current one, not one from the start of the wait.
+    let next = loop {
+        match events.recv_timeout(secs(5)).expect("another frame") {
+            SourceEvent::Frame(frame) => break frame,
+            _ => continue,
+        }
+    };
+    let age = next.captured.elapsed().unwrap_or_default();
+    assert!(age < Duration::from_millis(300), "the next frame is {age:?} old");
+    handle.stop();
+    while events.recv_timeout(secs(5)).is_ok() {}
+    handle.join();
+}
+
+#[test]
 fn unknown_test_pattern_is_refused_at_spawn() {
     let settings = StreamSettings {
         name: "bad".into(),

@@ -477,6 +477,7 @@ impl Engine {
             };
             match event {
                 Some(SourceEvent::Frame(frame)) => {
+                    self.metrics.stream(&frame.stream).dequeue();
                     batch.push(frame);
                     batcher.push(Instant::now());
                 }
@@ -497,7 +498,10 @@ impl Engine {
                     // Due: top the batch up with what is already queued, then run it.
                     while open && batch.len() < batcher.max_batch() {
                         match events.try_recv() {
-                            Ok(SourceEvent::Frame(frame)) => batch.push(frame),
+                            Ok(SourceEvent::Frame(frame)) => {
+                                self.metrics.stream(&frame.stream).dequeue();
+                                batch.push(frame);
+                            }
                             Ok(other) => {
                                 deferred = Some(other);
                                 break;

@@ -48,6 +48,9 @@ pub struct StreamMetrics {
     pub dropped: AtomicU64,
     /// Times a live source was torn down and started again.
     pub reconnects: AtomicU64,
+    /// Frames of this stream in the engine's queue now. A live source hands over a new frame
+    /// only when none of its frames waits there, so the newest frame wins across the queue.
+    pub queued: AtomicU64,
     /// Frames classified.
     pub classified: AtomicU64,
     /// Backend time per frame (preprocess + backbone + head), milliseconds.
@@ -181,6 +184,18 @@ impl Latencies {
 }
 
 impl StreamMetrics {
+    /// A frame of this stream is about to enter the engine's queue.
+    pub fn enqueue(&self) {
+        self.queued.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A frame of this stream left the engine's queue (or never entered it).
+    pub fn dequeue(&self) {
+        let _ = self.queued.fetch_update(Ordering::AcqRel, Ordering::Acquire, |queued| {
+            Some(queued.saturating_sub(1))
+        });
+    }
+
     pub fn set_status(&self, status: &str) {
         let mut current = self.status.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         current.clear();

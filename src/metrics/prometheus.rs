@@ -66,6 +66,13 @@ pub fn render(metrics: &Metrics) -> String {
         "Times a live source was torn down and started again.",
         &|s| load(&s.reconnects),
     );
+    per_stream(
+        &mut out,
+        "edgesight_stream_queued",
+        "gauge",
+        "Frames of the stream waiting in the engine's queue.",
+        &|s| load(&s.queued),
+    );
     family(&mut out, "edgesight_stream_status", "gauge", "1 for the stream's current status.");
     for (stream, counters) in &streams {
         let status = counters.status();

@@ -71,6 +71,7 @@ impl StatsBuilder {
                     classified,
                     dropped: counters.dropped.load(Ordering::Relaxed),
                     reconnects: counters.reconnects.load(Ordering::Relaxed),
+                    queued: counters.queued.load(Ordering::Relaxed),
                     inference_ms: percentiles(&counters.inference_ms.snapshot()),
                     capture_to_publish_ms: percentiles(&counters.capture_to_publish_ms.snapshot()),
                 },

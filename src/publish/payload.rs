@@ -135,6 +135,8 @@ pub struct StreamStats {
     pub classified: u64,
     pub dropped: u64,
     pub reconnects: u64,
+    /// Frames of this stream waiting in the engine's queue now.
+    pub queued: u64,
     /// Percentiles of the recent frames (up to 512), milliseconds.
     pub inference_ms: Percentiles,
     pub capture_to_publish_ms: Percentiles,

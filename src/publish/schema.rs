@@ -176,6 +176,7 @@ mod tests {
             classified: 19,
             dropped: 1,
             reconnects: 0,
+            queued: 1,
             inference_ms: Percentiles { p50: Some(40.0), p90: Some(55.5), p99: Some(80.0) },
             capture_to_publish_ms: Percentiles::default(),
         };

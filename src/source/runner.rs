@@ -9,16 +9,15 @@
 //! (the final event, or a rebuild) and sends it.
 //!
 //! A live source never queues stale frames: its `appsink` keeps only the newest frame (a pad
-//! probe counts what arrives, so frames the sink replaced are counted as dropped), and when
-//! the engine's queue is full the sampled frame waits in a one-frame slot that a newer frame
-//! replaces (the replaced one counted as dropped). A live source that delivers no frame for
-//! its stall timeout ends the attempt, to be rebuilt.
+//! probe counts what arrives, so frames the sink replaced are counted as dropped), and a
+//! sampled frame waits in a one-frame slot, which a newer frame replaces (the replaced one
+//! counted as dropped), until none of the stream's frames is in the engine's queue and the
+//! queue has room. So at most one frame per live stream waits for the engine, and it is the
+//! newest but one at worst. A live source that delivers no frame for its stall timeout ends
+//! the attempt, to be rebuilt.
 //!
-//! Known shortcoming: "newest wins" holds per stream only up to the engine's shared queue;
-//! frames already in it (at most `engine.queue`, all streams together) are not replaced by
-//! newer ones, so a live frame can wait behind them. A per-stream latest-frame slot read by
-//! the engine (the batching work) would retire this. The appsink drop count can also lag by
-//! one frame while a frame waits in the sink; the final count at teardown is exact.
+//! Known shortcoming: the appsink drop count can lag by one frame while a frame waits in the
+//! sink; the final count at teardown is exact.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -407,9 +406,12 @@ impl Runner {
     /// one-frame slot when the queue is full, replacing (and counting as dropped) an older one.
     fn deliver(&mut self, event: SourceEvent) -> Option<Halt> {
         if !self.live {
+            self.metrics.enqueue();
             let halt = self.send(event);
             if halt.is_none() {
                 self.metrics.sampled.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.metrics.dequeue();
             }
             return halt;
         }
@@ -419,19 +421,29 @@ impl Runner {
         self.flush_pending()
     }
 
-    /// Tries once to move the waiting live frame into the engine's queue.
+    /// Tries once to move the waiting live frame into the engine's queue, unless a frame of
+    /// this stream still waits there.
     fn flush_pending(&mut self) -> Option<Halt> {
+        if self.pending.is_none() || self.metrics.queued.load(Ordering::Acquire) > 0 {
+            return None;
+        }
         let event = self.pending.take()?;
+        // Counted before the hand-over, so the engine never takes a frame not yet counted.
+        self.metrics.enqueue();
         match self.events.try_send(event) {
             Ok(()) => {
                 self.metrics.sampled.fetch_add(1, Ordering::Relaxed);
                 None
             }
             Err(TrySendError::Full(event)) => {
+                self.metrics.dequeue();
                 self.pending = Some(event);
                 None
             }
-            Err(TrySendError::Disconnected(_)) => Some(Halt::Stopped),
+            Err(TrySendError::Disconnected(_)) => {
+                self.metrics.dequeue();
+                Some(Halt::Stopped)
+            }
         }
     }
 
