@@ -229,10 +229,17 @@ async fn start(settings: &Settings, metrics: &Arc<Metrics>) -> Result<Started, S
     let path = settings.model.path.clone();
     let synth = settings.model.synth_if_missing;
     let threads = settings.model.threads;
+    let max_batch = settings.engine.max_batch;
     let loaded = tokio::task::spawn_blocking(move || {
         let bundle = prepare_bundle(&path, synth)?;
-        let backend = model::open_backend(&bundle, threads)
-            .map_err(|source| ServiceError::Model { path: bundle.dir.clone(), source })?;
+        let model_error = |source| ServiceError::Model { path: bundle.dir.clone(), source };
+        let mut backend = model::open_backend(&bundle, threads).map_err(model_error)?;
+        let warming = std::time::Instant::now();
+        let sizes =
+            model::warm_up(backend.as_mut(), bundle.input_size, max_batch).map_err(model_error)?;
+        if !sizes.is_empty() {
+            info!(max_batch, ms = warming.elapsed().as_millis() as u64, "batch sizes prepared");
+        }
         Ok::<_, ServiceError>((bundle, backend))
     })
     .await

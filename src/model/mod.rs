@@ -111,6 +111,28 @@ pub trait Backend: Send {
     ) -> Result<(Vec<Prediction>, StageTimes), ModelError>;
 }
 
+/// Runs one all-zero batch of every size from 2 to `max_batch` through `backend`, so that a
+/// backend that prepares itself per batch size (tract builds and keeps one optimised plan per
+/// size; the plan for one frame is built when the bundle opens) does so before the streams
+/// start. Otherwise the first batch of each size pays for its plan in the middle of a run and
+/// every live stream waits: about 1 s per size for the 64-px test model on the 2-core
+/// development VM (tests/daemon_many_streams.rs), several seconds at 224 px. A batcher closes
+/// batches of every size up to its maximum, so these plans would all be built anyway. Returns
+/// the sizes run.
+pub fn warm_up(
+    backend: &mut dyn Backend,
+    input_size: u32,
+    max_batch: usize,
+) -> Result<Vec<usize>, ModelError> {
+    let frame = 3 * (input_size as usize).pow(2);
+    let sizes: Vec<usize> = (2..=max_batch).collect();
+    let input = vec![0.0; frame * max_batch];
+    for &n in &sizes {
+        backend.infer(&input[..frame * n], n)?;
+    }
+    Ok(sizes)
+}
+
 /// Numerically stable softmax (subtracts the maximum first). An empty slice gives an empty
 /// vector; non-finite logits give NaN scores rather than a panic.
 pub fn softmax(logits: &[f32]) -> Vec<f32> {
@@ -208,6 +230,47 @@ mod tests {
         assert!(scores[0] < scores[1] && scores[1] < scores[2]);
         // e^1 / (e^1 + e^2 + e^3)
         assert!((scores[0] - 0.090_030_57).abs() < 1e-6);
+    }
+
+    /// The real tract backend, with the sizes it was asked for written down.
+    struct Recording {
+        inner: Box<dyn Backend>,
+        sizes: Vec<usize>,
+    }
+
+    impl Backend for Recording {
+        fn infer(
+            &mut self,
+            input: &[f32],
+            n: usize,
+        ) -> Result<(Vec<Prediction>, StageTimes), ModelError> {
+            self.sizes.push(n);
+            self.inner.infer(input, n)
+        }
+    }
+
+    #[cfg(feature = "tract")]
+    #[test]
+    fn warm_up_runs_every_batch_size_once_and_leaves_the_answers_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("bundle");
+        let options = SynthOptions { input_size: 64, ..SynthOptions::default() };
+        synth::write_bundle(&out, &options).unwrap();
+        let bundle = Bundle::open(&out).unwrap();
+        let inner = open_backend(&bundle, 1).unwrap();
+        let mut backend = Recording { inner, sizes: Vec::new() };
+        let frame = 3 * 64 * 64;
+        let input: Vec<f32> = (0..3 * frame).map(|i| (i % 31) as f32 / 15.0 - 1.0).collect();
+        let before = backend.infer(&input, 3).unwrap().0;
+
+        assert_eq!(warm_up(&mut backend, 64, 4).unwrap(), [2, 3, 4]);
+        assert_eq!(backend.sizes, [3, 2, 3, 4]);
+        let after = backend.infer(&input, 3).unwrap().0;
+        for (a, b) in before.iter().zip(&after) {
+            assert_eq!(a.scores, b.scores, "a warm-up batch changed later answers");
+        }
+        assert!(warm_up(&mut backend, 64, 1).unwrap().is_empty(), "batch 1 is ready at open");
+        assert_eq!(backend.sizes.len(), 5);
     }
 
     #[test]

@@ -174,14 +174,19 @@ impl Running {
         let model_settings = new.model.clone();
         let running_checksum = self.checksum.clone();
         let model_changed = plan.model_changed;
+        // The running engine keeps the batch limit it started with.
+        let max_batch = self.settings.engine.max_batch;
         let swapped = tokio::task::spawn_blocking(move || {
             let bundle = prepare_bundle(&model_settings.path, model_settings.synth_if_missing)
                 .map_err(|error| error.to_string())?;
             if !model_changed && bundle.identity.checksum == running_checksum {
                 return Ok(None);
             }
-            let backend = model::open_backend(&bundle, model_settings.threads)
-                .map_err(|error| format!("model {}: {error}", bundle.dir.display()))?;
+            let model_error = |error| format!("model {}: {error}", bundle.dir.display());
+            let mut backend =
+                model::open_backend(&bundle, model_settings.threads).map_err(model_error)?;
+            // Off the engine thread, so the swap does not stall the streams.
+            model::warm_up(backend.as_mut(), bundle.input_size, max_batch).map_err(model_error)?;
             let checksum = bundle.identity.checksum.clone();
             Ok::<_, String>(Some((FrameModel::new(backend, &bundle), bundle, checksum)))
         })
