@@ -6,8 +6,9 @@
 //! end of every stream or on SIGINT/SIGTERM: sources stop and send their last event, the
 //! engine drains its queue, the stats task sends its last message and the metrics endpoint
 //! closes, the publisher flushes QoS ≥ 1 messages, publishes `offline` and disconnects. SIGHUP
-//! re-reads the config file and applies it without a restart ([`reload`]). Under systemd, [`notify`] tells the manager about each step and [`health`] feeds the watchdog while
-//! the engine makes progress.
+//! re-reads the config file and applies it without a restart ([`reload`]). Under systemd,
+//! [`notify`] tells the manager about each step and [`health`] feeds the watchdog while the
+//! engine makes progress.
 
 pub mod health;
 pub mod notify;
