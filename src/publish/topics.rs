@@ -1,8 +1,9 @@
 //! Topic names, built in one place so that every part of edgesight (and its tests) agrees on
 //! them. The layout is fixed by DESIGN.md: `<prefix>/<device>/status`,
 //! `<prefix>/<device>/<stream>/classification`, `<prefix>/<device>/<stream>/state`,
-//! `<prefix>/<device>/<stream>/status` and `<prefix>/<device>/stats`. Names are checked by config validation (no `/`, `+`, `#` in the
-//! device id or stream names); this struct only joins them.
+//! `<prefix>/<device>/<stream>/status` and `<prefix>/<device>/stats`. Names are checked by
+//! config validation (no `/`, `+`, `#` in the device id or stream names); this struct only
+//! joins them.
 
 /// The topic names of one device. Cheap to clone.
 #[derive(Debug, Clone, PartialEq, Eq)]
