@@ -12,53 +12,14 @@ use std::time::{Duration, Instant};
 
 use common::bundle::{corpus, test_bundle};
 use common::mosquitto::Mosquitto;
-use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+use rumqttc::Client;
 use serde_json::Value;
 
-/// One message as the subscriber saw it.
-#[derive(Debug, Clone)]
-struct Seen {
-    topic: String,
-    payload: String,
-    retained: bool,
-}
+use common::watch::Heard as Seen;
 
-/// Subscribes to `filter` and forwards every publish until the connection drops.
+/// Subscribes to `filter`; every publish arrives with its retain flag.
 fn subscribe(port: u16, filter: &str, client_id: &str) -> (Client, mpsc::Receiver<Seen>) {
-    let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
-    options.set_keep_alive(Duration::from_secs(5));
-    options.set_max_packet_size(1 << 20, 1 << 20);
-    let (client, mut connection) = Client::new(options, 100);
-    let (tx, rx) = mpsc::channel();
-    let (subscribed_tx, subscribed_rx) = mpsc::channel();
-    let filter = filter.to_string();
-    let subscriber = client.clone();
-    thread::spawn(move || {
-        for event in connection.iter() {
-            match event {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    let _ = subscriber.subscribe(filter.clone(), QoS::AtLeastOnce);
-                }
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    let _ = subscribed_tx.send(());
-                }
-                Ok(Event::Incoming(Packet::Publish(publish))) => {
-                    let seen = Seen {
-                        topic: publish.topic.clone(),
-                        payload: String::from_utf8_lossy(&publish.payload).into_owned(),
-                        retained: publish.retain,
-                    };
-                    if tx.send(seen).is_err() {
-                        return;
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => return,
-            }
-        }
-    });
-    subscribed_rx.recv_timeout(Duration::from_secs(10)).expect("subscription acknowledged");
-    (client, rx)
+    common::watch::watch(port, filter, client_id)
 }
 
 fn write_config(dir: &Path, port: u16, streams: &str) -> std::path::PathBuf {

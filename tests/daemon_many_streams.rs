@@ -29,16 +29,11 @@ use std::time::{Duration, Instant};
 use common::bundle::{corpus, test_bundle};
 use common::mosquitto::{Mosquitto, free_port};
 use rtsp::RtspServer;
-use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+use rumqttc::Client;
 use serde_json::Value;
 
 /// One message as the subscriber saw it, with when it arrived.
-#[derive(Debug, Clone)]
-struct Seen {
-    at: Instant,
-    topic: String,
-    payload: String,
-}
+use common::watch::Heard as Seen;
 
 /// A stream of the run: name, fps cap, and what kind of source it is.
 struct Planned {
@@ -70,39 +65,7 @@ const PREFIX: &str = "test/many";
 
 /// Subscribes to `filter` at QoS 1; every publish arrives with its arrival time.
 fn subscribe(port: u16, filter: &str) -> (Client, mpsc::Receiver<Seen>) {
-    let mut options = MqttOptions::new("many-watcher", "127.0.0.1", port);
-    options.set_keep_alive(Duration::from_secs(5));
-    options.set_max_packet_size(1 << 20, 1 << 20);
-    let (client, mut connection) = Client::new(options, 100);
-    let (tx, rx) = mpsc::channel();
-    let (ready_tx, ready_rx) = mpsc::channel();
-    let (filter, subscriber) = (filter.to_string(), client.clone());
-    thread::spawn(move || {
-        for event in connection.iter() {
-            match event {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    let _ = subscriber.subscribe(filter.clone(), QoS::AtLeastOnce);
-                }
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    let _ = ready_tx.send(());
-                }
-                Ok(Event::Incoming(Packet::Publish(publish))) => {
-                    let seen = Seen {
-                        at: Instant::now(),
-                        topic: publish.topic.clone(),
-                        payload: String::from_utf8_lossy(&publish.payload).into_owned(),
-                    };
-                    if tx.send(seen).is_err() {
-                        return;
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => return,
-            }
-        }
-    });
-    ready_rx.recv_timeout(Duration::from_secs(10)).expect("subscription acknowledged");
-    (client, rx)
+    common::watch::watch(port, filter, "many-watcher")
 }
 
 fn validator(file: &str) -> jsonschema::Validator {

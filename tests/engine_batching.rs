@@ -17,7 +17,7 @@ use common::bundle::{TEST_INPUT, corpus, test_bundle};
 use common::mosquitto::{Mosquitto, free_port};
 use common::{relative_error, test_input};
 use edgesight::model::{self, Bundle};
-use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+use rumqttc::Client;
 use serde_json::Value;
 
 /// Subscribes to `filter`; every publish arrives as (topic, payload).
@@ -26,34 +26,15 @@ fn subscribe(
     filter: &str,
     client_id: &str,
 ) -> (Client, mpsc::Receiver<(String, String)>) {
-    let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
-    options.set_keep_alive(Duration::from_secs(5));
-    options.set_max_packet_size(1 << 20, 1 << 20);
-    let (client, mut connection) = Client::new(options, 100);
+    let (client, heard) = common::watch::watch(port, filter, client_id);
     let (tx, rx) = mpsc::channel();
-    let (ready_tx, ready_rx) = mpsc::channel();
-    let (filter, subscriber) = (filter.to_string(), client.clone());
     thread::spawn(move || {
-        for event in connection.iter() {
-            match event {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => {
-                    let _ = subscriber.subscribe(filter.clone(), QoS::AtLeastOnce);
-                }
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    let _ = ready_tx.send(());
-                }
-                Ok(Event::Incoming(Packet::Publish(publish))) => {
-                    let payload = String::from_utf8_lossy(&publish.payload).into_owned();
-                    if tx.send((publish.topic.clone(), payload)).is_err() {
-                        return;
-                    }
-                }
-                Ok(_) => {}
-                Err(_) => return,
+        for message in heard {
+            if tx.send((message.topic, message.payload)).is_err() {
+                return;
             }
         }
     });
-    ready_rx.recv_timeout(Duration::from_secs(10)).expect("subscription acknowledged");
     (client, rx)
 }
 

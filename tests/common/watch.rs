@@ -1,0 +1,57 @@
+//! A blocking MQTT subscriber for tests that drive the daemon as a separate process: every
+//! publish arrives on a std channel with its arrival time and retain flag.
+
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
+
+/// One publish as the subscriber saw it.
+#[derive(Debug, Clone)]
+pub struct Heard {
+    pub at: Instant,
+    pub topic: String,
+    pub payload: String,
+    pub retained: bool,
+}
+
+/// Subscribes to `filter` at QoS 1 on 127.0.0.1:`port` and returns once the broker confirmed
+/// the subscription; publishes arrive until the connection drops. Keep the client alive for
+/// as long as messages are wanted.
+pub fn watch(port: u16, filter: &str, client_id: &str) -> (Client, mpsc::Receiver<Heard>) {
+    let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
+    options.set_keep_alive(Duration::from_secs(5));
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut connection) = Client::new(options, 100);
+    let (tx, rx) = mpsc::channel();
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let (filter, subscriber) = (filter.to_string(), client.clone());
+    thread::spawn(move || {
+        for event in connection.iter() {
+            match event {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                    let _ = subscriber.subscribe(filter.clone(), QoS::AtLeastOnce);
+                }
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    let _ = ready_tx.send(());
+                }
+                Ok(Event::Incoming(Packet::Publish(publish))) => {
+                    let heard = Heard {
+                        at: Instant::now(),
+                        topic: publish.topic.clone(),
+                        payload: String::from_utf8_lossy(&publish.payload).into_owned(),
+                        retained: publish.retain,
+                    };
+                    if tx.send(heard).is_err() {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+    });
+    ready_rx.recv_timeout(Duration::from_secs(10)).expect("subscription acknowledged");
+    (client, rx)
+}
