@@ -287,3 +287,53 @@ fn sigterm_flushes_and_goes_offline() {
         .collect();
     assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>(), "no gaps");
 }
+
+#[test]
+fn a_file_read_flat_out_does_not_crowd_out_a_live_stream() {
+    let broker = Mosquitto::start();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bulk = corpus("vid_h264_aac_160x90.mp4");
+    let config = write_config(
+        dir.path(),
+        broker.port,
+        &format!(
+            "name = \"bulk\"\nkind = \"file\"\npath = \"{}\"\nloop = true\nfps = 1000.0\n\
+             [[streams]]\nname = \"live\"\nkind = \"test\"\npattern = \"ball\"\nfps = 2.0\n",
+            bulk.display()
+        ),
+    );
+    let (_client, rx) = subscribe(broker.port, "test/e2e/+/classification", "e2e-share");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edgesight"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("daemon starts");
+
+    // From the first classification of each stream, count for eight seconds.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut counts: BTreeMap<String, u64> = BTreeMap::new();
+    let mut window: Option<Instant> = None;
+    loop {
+        assert!(Instant::now() < deadline, "both streams classify: {counts:?}");
+        let Ok(message) = rx.recv_timeout(Duration::from_millis(200)) else { continue };
+        let stream = if message.topic.contains("/bulk/") { "bulk" } else { "live" };
+        match window {
+            None if counts.len() == 2 => {
+                window = Some(Instant::now());
+                counts.clear();
+            }
+            Some(started) if started.elapsed() >= Duration::from_secs(8) => break,
+            _ => {}
+        }
+        *counts.entry(stream.to_string()).or_default() += 1;
+    }
+    let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+    let _ = child.wait();
+    let live = counts.get("live").copied().unwrap_or(0);
+    let bulk = counts.get("bulk").copied().unwrap_or(0);
+    // Two frames a second asked; a starved stream got one in five seconds before the fix.
+    assert!(live >= 10, "live got {live} classifications in 8 s beside {bulk} of the file");
+    assert!(bulk >= 2 * live, "the file still runs flat out: {bulk} against {live}");
+}

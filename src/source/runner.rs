@@ -8,6 +8,10 @@
 //! the pipeline to `Null` and says how the attempt ended; the supervisor decides what follows
 //! (the final event, or a rebuild) and sends it.
 //!
+//! A file source waits for the engine instead (no frame is lost), but keeps at most
+//! `FILE_SHARE` frames in the engine's shared queue, so a file read faster than real time
+//! cannot crowd the live streams out of it.
+//!
 //! A live source never queues stale frames: its `appsink` keeps only the newest frame (a pad
 //! probe counts what arrives, so frames the sink replaced are counted as dropped), and a
 //! sampled frame waits in a one-frame slot, which a newer frame replaces (the replaced one
@@ -42,6 +46,14 @@ use crate::preprocess::{Frame, pack_rows};
 /// How long one wait (for a sample, for room in the channel) lasts before the stop flag and the
 /// bus are looked at again.
 const POLL: Duration = Duration::from_millis(100);
+
+/// Frames a file stream may have in the engine's queue at once: enough to keep the engine
+/// busy, few enough that a file read as fast as it decodes never fills the shared queue and
+/// live streams always find room in it.
+const FILE_SHARE: u64 = 2;
+
+/// How often a file stream looks whether the engine took one of its frames.
+const SHARE_POLL: Duration = Duration::from_millis(5);
 
 /// GStreamer warnings logged at WARN per stream; later ones go to DEBUG.
 const LOUD_WARNINGS: u64 = 3;
@@ -406,6 +418,12 @@ impl Runner {
     /// one-frame slot when the queue is full, replacing (and counting as dropped) an older one.
     fn deliver(&mut self, event: SourceEvent) -> Option<Halt> {
         if !self.live {
+            while self.metrics.queued.load(Ordering::Acquire) >= FILE_SHARE {
+                if self.stop.load(Ordering::Relaxed) {
+                    return Some(Halt::Stopped);
+                }
+                std::thread::sleep(SHARE_POLL);
+            }
             self.metrics.enqueue();
             let halt = self.send(event);
             if halt.is_none() {
