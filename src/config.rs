@@ -106,8 +106,9 @@ pub struct EngineSettings {
     /// Longest a batch waits for more frames after its first frame arrived, milliseconds.
     /// Default 20; 0 runs whatever is queued at once.
     pub max_wait_ms: u64,
-    /// Republish each running stream's retained `state` this often even when nothing changed,
-    /// seconds. Default 60; 0 = only on change.
+    /// Republish each running stream's retained `state`, and each stream's source `status`
+    /// (but `ended`), this often even when nothing changed, seconds. Default 60; 0 = only on
+    /// change.
     pub state_heartbeat_s: u64,
     /// `every`: one `classification` message per classified frame (default). `on_change`: only
     /// when the stream's smoothed label changes (`seq` still counts every classified frame).

@@ -356,4 +356,10 @@ fn a_steady_stream_repeats_its_state_as_a_heartbeat() {
     assert!(running.len() >= 3, "{} running states: {states:?}", running.len());
     assert!(running.iter().all(|s| s["since"] == running[0]["since"]), "{states:?}");
     assert_eq!(states.last().map(|s| s["status"].clone()), Some(Value::from("ended")));
+    // The source's retained status repeats with it, so a broker that lost it gets it back.
+    let online = seen
+        .iter()
+        .filter(|(t, p)| t == "test/beat/wall/status" && p.contains("\"online\""))
+        .count();
+    assert!(online >= 3, "{online} online statuses in 4 s with a 1 s heartbeat");
 }

@@ -29,7 +29,7 @@ use crate::publish::Message;
 use crate::publish::payload::{
     Classification, LabelScore, Latency, ModelRef, SCHEMA_VERSION, StreamState, rfc3339_ms,
 };
-use crate::source::{SourceEvent, SourceFrame};
+use crate::source::{SourceEvent, SourceFrame, SourceStatus};
 
 pub use batch::{Batcher, Next};
 pub use smoothing::{Smoothed, Smoother};
@@ -399,6 +399,9 @@ pub struct Engine {
     options: EngineOptions,
     book: StreamBook,
     metrics: Arc<Metrics>,
+    /// Each stream's latest source status and when it was last handed to the publisher, so
+    /// that the heartbeat restores a retained status a restarted broker forgot.
+    statuses: HashMap<Arc<str>, (SourceStatus, Instant)>,
 }
 
 impl Engine {
@@ -415,6 +418,7 @@ impl Engine {
             book: StreamBook::new(options.smoothing.clone(), options.stream_smoothing.clone()),
             options,
             metrics,
+            statuses: HashMap::new(),
         }
     }
 
@@ -535,7 +539,9 @@ impl Engine {
             SourceEvent::Frame(_) => return Ok(()),
             SourceEvent::Status { stream, status } => {
                 let (device, run_id) = (&self.options.device, &self.options.run_id);
-                return send(out, Message::StreamStatus(status.payload(&stream, device, run_id)));
+                let message = Message::StreamStatus(status.payload(&stream, device, run_id));
+                self.statuses.insert(stream, (status, Instant::now()));
+                return send(out, message);
             }
             SourceEvent::Ended { stream } => {
                 info!(%stream, frames = self.book.count(&stream), "stream ended");
@@ -565,6 +571,16 @@ impl Engine {
             debug!(%stream, "state heartbeat");
             send(out, Message::State(self.state(&stream, "running", None)))?;
             self.book.state_sent(&stream, now);
+        }
+        // Source statuses too, but not `ended`: a stream a reload removed stays quiet.
+        let (device, run_id) = (&self.options.device, &self.options.run_id);
+        for (stream, (status, sent)) in &mut self.statuses {
+            if *status == SourceStatus::Ended || now.saturating_duration_since(*sent) < every {
+                continue;
+            }
+            debug!(%stream, status = status.word(), "status heartbeat");
+            send(out, Message::StreamStatus(status.payload(stream, device, run_id)))?;
+            *sent = now;
         }
         Ok(())
     }
