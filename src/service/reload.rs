@@ -204,6 +204,13 @@ impl Running {
         for key in &plan.needs_restart {
             warn!(key, file = %file.display(), "changed; takes effect at the next restart");
         }
+        if !same(&self.settings.sources, &new.sources) {
+            warn!(
+                file = %file.display(),
+                "[sources] changed: streams this reload starts or restarts use it; streams that \
+                 keep running keep the policy they started with"
+            );
+        }
         let restarting: Vec<String> = plan.restart.iter().map(|s| s.name.clone()).collect();
         let leaving: Vec<SourceHandle> = plan
             .stop
