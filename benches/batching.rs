@@ -69,13 +69,9 @@ fn engine_fps(bundle: &Bundle, threads: usize, max_batch: usize, frames: usize) 
     let (events_tx, events_rx) = crossbeam_channel::unbounded();
     for index in 0..frames {
         let stream = Arc::clone(&streams[index % streams.len()]);
-        let frame = SourceFrame {
-            stream,
-            index: (index / streams.len()) as u64,
-            position_ms: None,
-            captured: SystemTime::now(),
-            frame: frame(index),
-        };
+        let index_in_stream = (index / streams.len()) as u64;
+        let frame =
+            SourceFrame::new(stream, index_in_stream, None, SystemTime::now(), frame(index));
         events_tx.send(SourceEvent::Frame(frame)).expect("queued");
     }
     for stream in &streams {

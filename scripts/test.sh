@@ -27,6 +27,14 @@ if ! "$venv/bin/python" -c 'import onnxruntime, numpy' 2>/dev/null; then
 fi
 export EDGESIGHT_PYTHON="$venv/bin/python"
 
+# The shared media corpus the tests read (not in the repository: see README, "Tests").
+corpus="${EDGESIGHT_CORPUS:-$(pwd)/../shared/corpus}"
+if [ ! -f "$corpus/FILES.md" ]; then
+  echo "error: the media corpus is not at $corpus; set EDGESIGHT_CORPUS to its directory" >&2
+  exit 1
+fi
+export EDGESIGHT_CORPUS="$corpus"
+
 # 3. A Mosquitto of our own on a free loopback port, stopped when this script ends.
 port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 broker_dir=$(mktemp -d)

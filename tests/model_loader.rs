@@ -162,11 +162,7 @@ fn a_graph_without_a_2048_channel_map_is_refused_naming_the_file() {
 
 #[test]
 fn corpus_models_that_are_not_resnets_are_refused() {
-    let corpus = Path::new("/work/shared/corpus");
-    if !corpus.is_dir() {
-        eprintln!("SKIPPED: {} is not on this machine", corpus.display());
-        return;
-    }
+    let corpus = common::bundle::corpus_dir();
     let squeezenet = assert_refused(&corpus.join("model_light_squeezenet.onnx"), 224);
     assert!(squeezenet.contains("not a ResNet-50 trunk"), "{squeezenet}");
     let mnist = assert_refused(&corpus.join("model_mnist_pytorch27_opset18.onnx"), 224);

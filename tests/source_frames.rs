@@ -5,6 +5,8 @@
 //! file's timestamps say, and that broken, audio-only and missing files end in a clear error
 //! instead of a panic or a hang. Every wait has a timeout, so a hang fails the test.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -19,18 +21,15 @@ use gstreamer_app as gst_app;
 use gstreamer_video as gst_video;
 use gstreamer_video::prelude::*;
 
-const CORPUS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/corpus");
-
-fn corpus(name: &str) -> PathBuf {
-    Path::new(CORPUS).join(name)
-}
+use common::bundle::{corpus, corpus_dir};
 
 fn file_stream(name: &str, fps: f64) -> StreamSettings {
     StreamSettings {
         name: "cam".into(),
         kind: "file".into(),
         fps: Some(fps),
-        path: Some(corpus(name)),
+        // Not `corpus(name)`, which insists the file exists: some tests want a missing one.
+        path: Some(corpus_dir().join(name)),
         ..StreamSettings::default()
     }
 }
@@ -54,7 +53,8 @@ fn run(settings: &StreamSettings, limit: usize, timeout: Duration) -> (Vec<Sourc
             panic!("{}: no final event within {timeout:?}", settings.name);
         });
         match event {
-            SourceEvent::Frame(frame) => {
+            SourceEvent::Frame(mut frame) => {
+                frame.taken();
                 assert_eq!(&*frame.stream, settings.name);
                 frames.push(frame);
                 if frames.len() == limit {
@@ -299,8 +299,8 @@ fn a_live_stream_keeps_one_frame_in_the_engine_queue_and_it_is_a_fresh_one() {
         })
         .collect();
     assert_eq!(frames.len(), 1, "one frame of the live stream waited, not a backlog");
+    drop(waiting);
     let stream = metrics.stream("live");
-    stream.dequeue();
     assert!(stream.dropped.load(std::sync::atomic::Ordering::Relaxed) > 10, "stale frames dropped");
 
     // The next frame handed over is a current one, not one from the start of the wait.
@@ -337,7 +337,7 @@ fn secs(seconds: u64) -> Duration {
 }
 
 fn corpus_files(prefix: &str) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(CORPUS)
+    let mut files: Vec<PathBuf> = std::fs::read_dir(corpus_dir())
         .unwrap()
         .map(|entry| entry.unwrap().path())
         .filter(|path| path.file_name().unwrap().to_string_lossy().starts_with(prefix))

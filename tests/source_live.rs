@@ -369,8 +369,7 @@ fn a_pipeline_that_does_not_parse_fails_at_spawn_naming_the_stream() {
 
 #[test]
 fn a_file_uri_with_audio_and_subtitles_gives_its_video_then_ends() {
-    let path =
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/corpus/vid_vp9_opus_webvtt_320x180.webm");
+    let path = common::bundle::corpus("vid_vp9_opus_webvtt_320x180.webm");
     let path = std::fs::canonicalize(path).unwrap();
     let settings = StreamSettings {
         name: "clip".into(),

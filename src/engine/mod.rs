@@ -480,8 +480,8 @@ impl Engine {
                 }
             };
             match event {
-                Some(SourceEvent::Frame(frame)) => {
-                    self.metrics.stream(&frame.stream).dequeue();
+                Some(SourceEvent::Frame(mut frame)) => {
+                    frame.taken();
                     batch.push(frame);
                     batcher.push(Instant::now());
                 }
@@ -502,8 +502,8 @@ impl Engine {
                     // Due: top the batch up with what is already queued, then run it.
                     while open && batch.len() < batcher.max_batch() {
                         match events.try_recv() {
-                            Ok(SourceEvent::Frame(frame)) => {
-                                self.metrics.stream(&frame.stream).dequeue();
+                            Ok(SourceEvent::Frame(mut frame)) => {
+                                frame.taken();
                                 batch.push(frame);
                             }
                             Ok(other) => {

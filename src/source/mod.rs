@@ -36,7 +36,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
 use crate::config::{SourcesSettings, StreamSettings};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, StreamMetrics};
 use crate::preprocess::Frame;
 
 pub use backoff::ReconnectBackoff;
@@ -57,6 +57,47 @@ pub struct SourceFrame {
     /// Wall-clock time the frame left the decoder.
     pub captured: SystemTime,
     pub frame: Frame,
+    /// Counts the frame in its stream's `queued` gauge until [`SourceFrame::taken`] or drop.
+    pub(crate) ticket: Option<Ticket>,
+}
+
+impl SourceFrame {
+    /// A frame that counts against no stream's share of the queue (for tools and benchmarks
+    /// that feed the engine themselves).
+    pub fn new(
+        stream: Arc<str>,
+        index: u64,
+        position_ms: Option<u64>,
+        captured: SystemTime,
+        frame: Frame,
+    ) -> SourceFrame {
+        SourceFrame { stream, index, position_ms, captured, frame, ticket: None }
+    }
+
+    /// The consumer took the frame out of the queue: it no longer counts against its stream's
+    /// share of the queue (see `StreamMetrics::queued`), so the source may hand over the next
+    /// one. Whoever takes frames from the channel calls this, or drops the frame; a frame kept
+    /// without either holds its stream back.
+    pub fn taken(&mut self) {
+        self.ticket = None;
+    }
+}
+
+/// A frame's place in its stream's `queued` count: counted when made, uncounted when dropped.
+#[derive(Debug)]
+pub(crate) struct Ticket(Arc<StreamMetrics>);
+
+impl Ticket {
+    pub(crate) fn new(metrics: Arc<StreamMetrics>) -> Ticket {
+        metrics.enqueue();
+        Ticket(metrics)
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.0.dequeue();
+    }
 }
 
 /// What sources tell the engine.

@@ -37,7 +37,7 @@ use gstreamer_video::prelude::*;
 
 use super::pipeline::{Built, Input, NO_VIDEO_MESSAGE};
 use super::redact::Redactor;
-use super::{Sampler, SourceError, SourceEvent, SourceFrame, SourceStatus};
+use super::{Sampler, SourceError, SourceEvent, SourceFrame, SourceStatus, Ticket};
 use crate::metrics::StreamMetrics;
 
 mod errors;
@@ -94,7 +94,7 @@ pub(super) struct Runner {
     counted_arrived: u64,
     counted_dropped: u64,
     /// Live sources: a sampled frame waiting for room in the engine's queue.
-    pending: Option<SourceEvent>,
+    pending: Option<SourceFrame>,
     /// When the last frame (or the start) was seen.
     last_frame: Instant,
     /// `online` was reported in this attempt.
@@ -387,15 +387,16 @@ impl Runner {
         let captured = SystemTime::now();
         let frame = self.copy_frame(sample, buffer)?;
         tracing::trace!(stream = %self.stream, index = self.sampled, ?position_ns, "frame sampled");
-        let event = SourceEvent::Frame(SourceFrame {
+        let frame = SourceFrame {
             stream: Arc::clone(&self.stream),
             index: self.sampled,
             position_ms: position_ns.map(|ns| ns / 1_000_000),
             captured,
             frame,
-        });
+            ticket: None,
+        };
         self.sampled += 1;
-        Ok(self.deliver(event))
+        Ok(self.deliver(frame))
     }
 
     /// Adds the buffers that reached the sink since the last call to `decoded`, and those the
@@ -416,7 +417,7 @@ impl Runner {
 
     /// Hands a frame to the engine. A file source waits for room; a live source puts it in the
     /// one-frame slot when the queue is full, replacing (and counting as dropped) an older one.
-    fn deliver(&mut self, event: SourceEvent) -> Option<Halt> {
+    fn deliver(&mut self, mut frame: SourceFrame) -> Option<Halt> {
         if !self.live {
             while self.metrics.queued.load(Ordering::Acquire) >= FILE_SHARE {
                 if self.stop.load(Ordering::Relaxed) {
@@ -424,16 +425,16 @@ impl Runner {
                 }
                 std::thread::sleep(SHARE_POLL);
             }
-            self.metrics.enqueue();
-            let halt = self.send(event);
+            // Counted before the hand-over, so the engine never takes a frame not yet counted;
+            // a frame that is not delivered takes its count with it when dropped.
+            frame.ticket = Some(Ticket::new(Arc::clone(&self.metrics)));
+            let halt = self.send(SourceEvent::Frame(frame));
             if halt.is_none() {
                 self.metrics.sampled.fetch_add(1, Ordering::Relaxed);
-            } else {
-                self.metrics.dequeue();
             }
             return halt;
         }
-        if self.pending.replace(event).is_some() {
+        if self.pending.replace(frame).is_some() {
             self.metrics.dropped.fetch_add(1, Ordering::Relaxed);
         }
         self.flush_pending()
@@ -445,23 +446,20 @@ impl Runner {
         if self.pending.is_none() || self.metrics.queued.load(Ordering::Acquire) > 0 {
             return None;
         }
-        let event = self.pending.take()?;
-        // Counted before the hand-over, so the engine never takes a frame not yet counted.
-        self.metrics.enqueue();
-        match self.events.try_send(event) {
+        let mut frame = self.pending.take()?;
+        frame.ticket = Some(Ticket::new(Arc::clone(&self.metrics)));
+        match self.events.try_send(SourceEvent::Frame(frame)) {
             Ok(()) => {
                 self.metrics.sampled.fetch_add(1, Ordering::Relaxed);
                 None
             }
-            Err(TrySendError::Full(event)) => {
-                self.metrics.dequeue();
-                self.pending = Some(event);
+            Err(TrySendError::Full(SourceEvent::Frame(mut frame))) => {
+                frame.ticket = None;
+                self.pending = Some(frame);
                 None
             }
-            Err(TrySendError::Disconnected(_)) => {
-                self.metrics.dequeue();
-                Some(Halt::Stopped)
-            }
+            Err(TrySendError::Full(_)) => None,
+            Err(TrySendError::Disconnected(_)) => Some(Halt::Stopped),
         }
     }
 

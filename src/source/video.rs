@@ -68,7 +68,10 @@ impl Iterator for VideoFrames {
         }
         match event {
             Ok(SourceEvent::Status { .. }) => None,
-            Ok(SourceEvent::Frame(frame)) => Some(Ok(frame)),
+            Ok(SourceEvent::Frame(mut frame)) => {
+                frame.taken();
+                Some(Ok(frame))
+            }
             Ok(SourceEvent::Ended { .. }) => {
                 self.done = true;
                 None

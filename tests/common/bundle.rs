@@ -10,9 +10,24 @@ pub fn test_bundle() -> PathBuf {
     super::model::synth_bundle(0, TEST_INPUT)
 }
 
-/// A file of the shared corpus that sits beside the repository.
+/// The shared media corpus (`FILES.md` says what each file exercises): `$EDGESIGHT_CORPUS`
+/// when set, else `shared/corpus` beside the repository, where the project keeps it.
+pub fn corpus_dir() -> PathBuf {
+    let dir = match std::env::var_os("EDGESIGHT_CORPUS").filter(|dir| !dir.is_empty()) {
+        Some(dir) => PathBuf::from(dir),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/corpus"),
+    };
+    assert!(
+        dir.is_dir(),
+        "the media corpus is not at {}; point EDGESIGHT_CORPUS at the shared corpus directory",
+        dir.display()
+    );
+    dir
+}
+
+/// A file of the shared corpus.
 pub fn corpus(name: &str) -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/corpus").join(name);
+    let path = corpus_dir().join(name);
     assert!(path.exists(), "corpus file {} is missing", path.display());
     path
 }
