@@ -16,6 +16,10 @@
 //! the window are empty, then publishes `offline` and ends once the broker acknowledged it;
 //! without a connection it ends at once and the spool keeps what it holds for the next run.
 //! At the flush deadline it stops: live messages in flight or still queued go to the spool.
+//!
+//! A full spool drops its oldest records; those drops are counted exactly in
+//! `metrics.publish.spool_overflow` but logged through [`OverflowLog`], one ERROR line at the
+//! first drop and then at most one per 10 s, so a long outage does not flood the log.
 
 use std::io::Write;
 use std::sync::Arc;
