@@ -233,3 +233,36 @@ async fn a_login_refused_on_reconnect_is_retried_slowly_while_messages_are_spool
     let report = publisher.finish().await.expect("finish");
     assert!(report.is_complete() && report.spooled == 5, "{report:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_publisher_on_the_same_spool_fails_the_start_until_the_first_finished() {
+    let broker = Mosquitto::start();
+    let spool = tempfile::tempdir().expect("spool dir");
+    let first = Publisher::start(&settings(broker.port, "lock-1", spool.path()), Metrics::new())
+        .await
+        .expect("first start");
+    let error = start_error(&settings(broker.port, "lock-2", spool.path())).await;
+    let text = error.to_string();
+    assert!(text.contains("mqtt.spool_dir"), "{text}");
+    assert!(text.contains(&spool.path().display().to_string()), "{text}");
+    assert!(text.contains("another edgesight process"), "{text}");
+    first.finish().await.expect("finish");
+    let again = Publisher::start(&settings(broker.port, "lock-2", spool.path()), Metrics::new())
+        .await
+        .expect("start once the first is gone");
+    again.finish().await.expect("finish");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unwritable_spool_directory_fails_the_start() {
+    // Not a mode 0555 directory: tests may run as root, who can write there. Nobody can
+    // create files in procfs, and nobody can make a directory below a regular file.
+    let holder = tempfile::tempdir().expect("temp dir");
+    let file = holder.path().join("a-file");
+    std::fs::write(&file, b"x").expect("write");
+    for dir in [Path::new("/proc/self").to_path_buf(), file.join("spool")] {
+        let text = start_error(&settings(1, "ro-1", &dir)).await.to_string();
+        assert!(text.starts_with(&format!("mqtt.spool_dir {}: ", dir.display())), "{text}");
+        assert_eq!(text.matches("os error").count(), 1, "{text}");
+    }
+}

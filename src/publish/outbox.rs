@@ -16,11 +16,15 @@
 //! the window are empty, then publishes `offline` and ends once the broker acknowledged it;
 //! without a connection it ends at once and the spool keeps what it holds for the next run.
 //! At the flush deadline it stops: live messages in flight or still queued go to the spool.
+//!
+//! A full spool drops its oldest records; those drops are counted exactly in
+//! `metrics.publish.spool_overflow` but logged through [`OverflowLog`], one ERROR line at the
+//! first drop and then at most one per 10 s, so a long outage does not flood the log.
 
 use std::io::Write;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rumqttc::{AsyncClient, QoS};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -38,6 +42,58 @@ pub const WINDOW: usize = 32;
 
 /// How often the spool is made durable while it changes, and the gauges refreshed.
 const SYNC_EVERY: Duration = Duration::from_secs(1);
+
+/// Least time between two ERROR lines about spool overflow.
+const OVERFLOW_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// One ERROR line's figures: records dropped since the previous line, and since the start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OverflowLine {
+    pub dropped: u64,
+    pub total: u64,
+}
+
+/// Rate limit of the overflow log: a full spool drops a record per new message, which would
+/// be one ERROR line per message (thousands in a long outage). The first overflow is logged
+/// at once, then at most one line per [`OVERFLOW_LOG_EVERY`] with the count since the last
+/// line; a count still pending is logged once the interval has passed (the outbox checks on
+/// its sync tick) or at the end. Counting in metrics stays exact; only the lines are merged.
+/// No I/O: the caller passes the clock.
+#[derive(Debug, Default)]
+pub struct OverflowLog {
+    last: Option<Instant>,
+    pending: u64,
+    total: u64,
+}
+
+impl OverflowLog {
+    /// `count` records were just dropped at `now`; a line to log, if one is due.
+    pub fn dropped(&mut self, count: u64, now: Instant) -> Option<OverflowLine> {
+        self.pending += count;
+        self.total += count;
+        self.due(now)
+    }
+
+    /// A line for what is pending if the interval since the last line has passed.
+    pub fn due(&mut self, now: Instant) -> Option<OverflowLine> {
+        let ready = self.last.is_none_or(|last| now.duration_since(last) >= OVERFLOW_LOG_EVERY);
+        if self.pending == 0 || !ready {
+            return None;
+        }
+        self.last = Some(now);
+        self.flush()
+    }
+
+    /// A line for whatever is pending, regardless of time (at the end).
+    pub fn flush(&mut self) -> Option<OverflowLine> {
+        if self.pending == 0 {
+            return None;
+        }
+        let line = OverflowLine { dropped: self.pending, total: self.total };
+        self.pending = 0;
+        Some(line)
+    }
+}
 
 /// What the driver tells the outbox, in the order it happened.
 #[derive(Debug)]
@@ -80,6 +136,7 @@ pub struct Outbox {
     dropped: u64,
     skipped: u64,
     offline: Offline,
+    overflow: OverflowLog,
 }
 
 #[derive(Debug, PartialEq)]
@@ -111,6 +168,7 @@ impl Outbox {
             dropped: 0,
             skipped: 0,
             offline: Offline::NotYet,
+            overflow: OverflowLog::default(),
         }
     }
 
@@ -153,6 +211,9 @@ impl Outbox {
             }
         }
         self.sync();
+        if let Some(line) = self.overflow.flush() {
+            self.log_overflow(line);
+        }
         OutboxEnd {
             published: self.published,
             acknowledged: self.window.acknowledged_count(),
@@ -307,11 +368,9 @@ impl Outbox {
             Ok(0) => {}
             Ok(overflow) => {
                 self.metrics.publish.spool_overflow.fetch_add(overflow, Ordering::Relaxed);
-                error!(
-                    dropped = overflow,
-                    spool = %self.spool.dir().display(),
-                    "spool full (mqtt.spool_max_mb); the oldest messages were dropped"
-                );
+                if let Some(line) = self.overflow.dropped(overflow, Instant::now()) {
+                    self.log_overflow(line);
+                }
             }
             Err(error) => {
                 self.dropped += 1;
@@ -394,8 +453,21 @@ impl Outbox {
         true
     }
 
+    /// One aggregated ERROR line about spool overflow; see [`OverflowLog`].
+    fn log_overflow(&self, line: OverflowLine) {
+        error!(
+            dropped = line.dropped,
+            dropped_total = line.total,
+            spool = %self.spool.dir().display(),
+            "spool full (mqtt.spool_max_mb); the oldest messages were dropped"
+        );
+    }
+
     /// Makes the spool durable and refreshes the gauges.
     fn sync(&mut self) {
+        if let Some(line) = self.overflow.due(Instant::now()) {
+            self.log_overflow(line);
+        }
         if self.spool.is_dirty()
             && let Err(error) = self.spool.sync()
         {
@@ -428,4 +500,34 @@ pub fn echo_line(topic: &str, payload: &[u8]) -> String {
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     // An error means the publisher was dropped without `finish`: stop as well.
     let _ = stop.wait_for(|stopped| *stopped).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overflow_lines_are_the_first_then_one_per_interval_with_exact_counts() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut log = OverflowLog::default();
+        assert_eq!(log.due(at(0)), None, "nothing dropped yet");
+        assert_eq!(log.dropped(1, at(0)), Some(OverflowLine { dropped: 1, total: 1 }));
+        // 1889 more within the next 9.9 s: no line.
+        for n in 0..1889 {
+            assert_eq!(log.dropped(1, at(10 + n * 5)), None);
+        }
+        assert_eq!(log.due(at(9_999)), None);
+        assert_eq!(log.dropped(2, at(10_000)), Some(OverflowLine { dropped: 1891, total: 1892 }));
+        // Pending drops are reported by the tick once the interval has passed.
+        assert_eq!(log.dropped(3, at(12_000)), None);
+        assert_eq!(log.due(at(19_999)), None);
+        assert_eq!(log.due(at(20_000)), Some(OverflowLine { dropped: 3, total: 1895 }));
+        assert_eq!(log.due(at(40_000)), None, "nothing pending");
+        // After a quiet spell the next overflow is logged at once.
+        assert_eq!(log.dropped(4, at(40_001)), Some(OverflowLine { dropped: 4, total: 1899 }));
+        assert_eq!(log.dropped(5, at(40_002)), None);
+        assert_eq!(log.flush(), Some(OverflowLine { dropped: 5, total: 1904 }));
+        assert_eq!(log.flush(), None);
+    }
 }

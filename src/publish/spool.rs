@@ -10,6 +10,11 @@
 //! one whose checksum does not match) is cut off and logged at WARN, so the spool never yields a
 //! damaged message.
 //!
+//! Ownership: [`Spool::open`] takes an exclusive `flock` on `<dir>/lock` for the spool's life
+//! (a second daemon on the same directory fails to start instead of corrupting it) and proves
+//! the directory writable with a probe file, so an unusable `mqtt.spool_dir` stops the start
+//! rather than losing messages at the first outage.
+//!
 //! Fsync policy: each record goes to the file in one `write(2)` and survives a crash of the
 //! process (SIGKILL included) without any fsync. [`Spool::sync`] (called by the publisher about
 //! once a second while something changed, at every segment change and at shutdown) runs
@@ -115,26 +120,100 @@ pub struct Spool {
     read: u64,
     bytes: u64,
     dirty: bool,
+    /// Holds the directory's lock for the spool's life; see [`lock_dir`].
+    _lock: File,
 }
 
 /// A spool error names the file or directory.
+///
+/// The OS error is part of the message and deliberately not a `source()`: loggers and
+/// reports that walk the error chain would otherwise print it twice.
 #[derive(Debug, thiserror::Error)]
-#[error("spool {path}: {source}")]
-pub struct SpoolError {
-    pub path: PathBuf,
-    #[source]
-    pub source: io::Error,
+pub enum SpoolError {
+    /// Reading or writing a spool file failed.
+    #[error("spool {path}: {cause}")]
+    Io { path: PathBuf, cause: io::Error },
+    /// The directory cannot be used at all: it cannot be created or written, or another
+    /// process holds it. The daemon does not start.
+    #[error("mqtt.spool_dir {dir}: {reason}")]
+    Unusable { dir: PathBuf, reason: String },
 }
 
 fn at(path: &Path) -> impl FnOnce(io::Error) -> SpoolError + '_ {
-    move |source| SpoolError { path: path.to_path_buf(), source }
+    move |cause| SpoolError::Io { path: path.to_path_buf(), cause }
+}
+
+fn unusable(dir: &Path, reason: String) -> SpoolError {
+    SpoolError::Unusable { dir: dir.to_path_buf(), reason }
+}
+
+/// The lock file in the spool directory; see [`lock_dir`].
+const LOCK: &str = "lock";
+
+/// The probe file [`probe_writable`] creates and removes.
+const PROBE: &str = "probe.tmp";
+
+/// Takes an exclusive advisory lock (`flock`) on `<dir>/lock`, held as long as the returned
+/// file is open, so two daemons never share one spool (they would interleave records and
+/// race on the cursor). The kernel releases it when the process dies, so a crash never
+/// leaves a stale lock behind. The file holds the pid of the holder, for the operator.
+fn lock_dir(dir: &Path) -> Result<File, SpoolError> {
+    let path = dir.join(LOCK);
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(|error| unusable(dir, format!("cannot open the lock file {LOCK}: {error}")))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            let holder = if holder.is_empty() { "?" } else { holder };
+            return Err(unusable(
+                dir,
+                format!(
+                    "another edgesight process (pid {holder}) uses this spool directory; \
+                     give each daemon its own mqtt.spool_dir or stop the other one"
+                ),
+            ));
+        }
+        Err(fs::TryLockError::Error(error)) => {
+            return Err(unusable(dir, format!("cannot lock {LOCK}: {error}")));
+        }
+    }
+    let pid = format!("{}\n", std::process::id());
+    file.set_len(0)
+        .and_then(|()| file.write_all_at(pid.as_bytes(), 0))
+        .map_err(|error| unusable(dir, format!("cannot write the lock file {LOCK}: {error}")))?;
+    Ok(file)
+}
+
+/// Proves at open that the directory takes new files (create, write, fsync, remove), so an
+/// unwritable spool fails the start instead of losing messages at the first outage.
+fn probe_writable(dir: &Path) -> Result<(), SpoolError> {
+    let path = dir.join(PROBE);
+    let probe = || -> io::Result<()> {
+        let mut file = File::create(&path)?;
+        file.write_all(b"edgesight spool probe\n")?;
+        file.sync_all()?;
+        drop(file);
+        fs::remove_file(&path)
+    };
+    probe().map_err(|error| unusable(dir, format!("directory is not writable: {error}")))
 }
 
 impl Spool {
     /// Opens (creating it if needed) the spool in `dir`, bounded to `max_bytes` of records,
     /// and recovers what a previous run left there.
     pub fn open(dir: &Path, max_bytes: u64) -> Result<(Spool, Recovered), SpoolError> {
-        fs::create_dir_all(dir).map_err(at(dir))?;
+        fs::create_dir_all(dir)
+            .map_err(|error| unusable(dir, format!("cannot create the directory: {error}")))?;
+        let lock = lock_dir(dir)?;
+        probe_writable(dir)?;
         let segment_bytes = (max_bytes / 16).clamp(64 * 1024, 4 * 1024 * 1024);
         let mut spool = Spool {
             dir: dir.to_path_buf(),
@@ -147,6 +226,7 @@ impl Spool {
             read: 0,
             bytes: 0,
             dirty: false,
+            _lock: lock,
         };
         let cursor = spool.read_cursor();
         let mut recovered = Recovered::default();
@@ -219,7 +299,7 @@ impl Spool {
         }
         let dir = self.dir.clone();
         let Some((id, file, length)) = self.tail.as_mut() else {
-            return Err(SpoolError { path: dir, source: io::Error::other("no tail segment") });
+            return Err(SpoolError::Io { path: dir, cause: io::Error::other("no tail segment") });
         };
         let offset = *length;
         let path = dir.join(segment_name(*id));
@@ -227,7 +307,7 @@ impl Spool {
             // Put the length back so a half-written record does not stay in the way.
             let _ = file.set_len(offset);
             let _ = file.seek(SeekFrom::Start(offset));
-            return Err(SpoolError { path, source });
+            return Err(SpoolError::Io { path, cause: source });
         }
         *length += size;
         let segment = *id;
@@ -273,9 +353,9 @@ impl Spool {
         File::open(&path)
             .and_then(|file| file.read_exact_at(&mut framed, slot.offset))
             .map_err(at(&path))?;
-        let record = Record::decode(&framed[HEADER as usize..]).ok_or_else(|| SpoolError {
+        let record = Record::decode(&framed[HEADER as usize..]).ok_or_else(|| SpoolError::Io {
             path: path.clone(),
-            source: io::Error::new(io::ErrorKind::InvalidData, "record body does not decode"),
+            cause: io::Error::new(io::ErrorKind::InvalidData, "record body does not decode"),
         })?;
         Ok(Some((slot.number, record)))
     }

@@ -133,10 +133,49 @@ fn a_flipped_byte_is_damage_not_a_message() {
 }
 
 #[test]
-fn an_unwritable_directory_is_named_in_the_error() {
+fn a_second_opener_of_the_same_directory_is_refused_until_the_first_is_dropped() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (first, _) = Spool::open(dir.path(), 1 << 20).expect("open");
+    let error = Spool::open(dir.path(), 1 << 20).expect_err("second open must fail");
+    let text = error.to_string();
+    assert!(text.contains("mqtt.spool_dir"), "{text}");
+    assert!(text.contains(&dir.path().display().to_string()), "{text}");
+    assert!(text.contains("another edgesight process"), "{text}");
+    assert!(text.contains(&format!("pid {}", std::process::id())), "{text}");
+    drop(first);
+    Spool::open(dir.path(), 1 << 20).expect("open after the first was dropped");
+}
+
+#[test]
+fn a_file_where_the_directory_should_be_fails_the_open_naming_the_key() {
     let dir = tempfile::tempdir().expect("temp dir");
     let file = dir.path().join("not-a-dir");
-    fs::write(&file, b"x").expect("write");
-    let error = Spool::open(&file.join("spool"), 1 << 20).expect_err("an error");
-    assert!(error.to_string().contains("not-a-dir"), "{error}");
+    std::fs::write(&file, b"x").expect("write");
+    for path in [file.clone(), file.join("spool")] {
+        let text = Spool::open(&path, 1 << 20).expect_err("must fail").to_string();
+        assert!(text.starts_with(&format!("mqtt.spool_dir {}: ", path.display())), "{text}");
+        // The OS error appears once, not repeated by an error chain.
+        assert_eq!(text.matches("os error").count(), 1, "{text}");
+        let error = Spool::open(&path, 1 << 20).expect_err("must fail");
+        assert!(std::error::Error::source(&error).is_none());
+    }
+}
+
+#[test]
+fn an_unwritable_directory_fails_the_open() {
+    // Even root cannot create files in /proc/self (procfs), unlike in a mode 0555 directory.
+    let path = Path::new("/proc/self");
+    let text = Spool::open(path, 1 << 20).expect_err("must fail").to_string();
+    assert!(text.starts_with("mqtt.spool_dir /proc/self: "), "{text}");
+    assert_eq!(text.matches("os error").count(), 1, "{text}");
+}
+
+#[test]
+fn io_errors_name_the_file_and_say_the_os_error_once() {
+    let path = Path::new("/nonexistent/x.seg");
+    let error = File::open(path).map_err(at(path)).expect_err("no such file");
+    let text = error.to_string();
+    assert!(text.starts_with("spool /nonexistent/x.seg: "), "{text}");
+    assert_eq!(text.matches("os error 2").count(), 1, "{text}");
+    assert!(std::error::Error::source(&error).is_none());
 }
