@@ -107,6 +107,7 @@ pub async fn run(
     let mut extend = tokio::time::interval(START_EXTEND_EVERY);
     let starting = start(&settings, &metrics);
     tokio::pin!(starting);
+    let mut reload_pending = false;
     let started = loop {
         tokio::select! {
             started = &mut starting => break started?,
@@ -118,8 +119,10 @@ pub async fn run(
                     let summary = EngineSummary::default();
                     return Ok(RunOutcome { summary, interrupted: true, unacknowledged: 0 });
                 }
-                Received::Reload => info!("SIGHUP during start-up; the configuration just read \
-                    stays"),
+                Received::Reload => {
+                    info!("SIGHUP during start-up; the file is read again once start-up is done");
+                    reload_pending = true;
+                }
             }
         }
     };
@@ -158,6 +161,9 @@ pub async fn run(
     info!(streams = running.running(), "running");
     notifier.ready(&format!("running: {} streams started", running.running()));
     let pulse = health::spawn(Arc::clone(&notifier), Arc::clone(&metrics));
+    if reload_pending {
+        reload(&mut running, config_file.as_deref(), &slot, &notifier).await;
+    }
 
     // Until every stream has ended or a stop signal: SIGHUP reloads, and a look every
     // quarter second lets the engine drain once the last source has finished.
