@@ -5,6 +5,7 @@
 //! payloads). [`config`] holds the typed settings every stage reads; [`service`] ties the
 //! stages together for `edgesight run` and shuts them down in order.
 
+pub mod backoff;
 pub mod classify;
 pub mod config;
 pub mod engine;

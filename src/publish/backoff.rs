@@ -1,83 +1,51 @@
-//! Delays between MQTT reconnection attempts. The client reconnects whenever its event loop is
-//! polled again, so without a delay a dead broker means a busy loop and a flood of warnings;
-//! doubling the delay up to a cap keeps a long outage quiet while a short one (a broker
-//! restart) is bridged within a second or two. Each delay is jittered by ± 20 % so that a
-//! fleet of devices that lost the same broker does not reconnect in lockstep after its
-//! restart.
+//! Delays between MQTT reconnection attempts: the shared [`Backoff`](crate::backoff::Backoff)
+//! doubling from 500 ms to 30 s with ± 20 % jitter. The client reconnects whenever its event
+//! loop is polled again, so without a delay a dead broker means a busy loop and a flood of
+//! warnings; doubling keeps a long outage quiet while a short one (a broker restart) is bridged
+//! within a second or two, and the jitter keeps a fleet of devices that lost the same broker
+//! from reconnecting in lockstep after its restart.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+use crate::backoff::{self, Backoff as Shared};
 
 /// Relative jitter of each delay: ± 20 %.
 const JITTER: f64 = 0.2;
 
-/// Exponential backoff: `initial`, doubled after each failure, capped at `max`; each delay
-/// handed out is the doubled base times a factor in [0.8, 1.2), never more than `max`.
+/// The publisher's reconnect delays.
 #[derive(Debug, Clone)]
-pub struct Backoff {
-    initial: Duration,
-    max: Duration,
-    next: Duration,
-    failures: u32,
-    rng: SplitMix64,
-}
+pub struct Backoff(Shared);
 
 impl Backoff {
-    /// The publisher's default: 500 ms, doubling to at most 30 s, seeded from the process id
-    /// and the clock so that devices differ.
+    /// The publisher's default: 500 ms, doubling to at most 30 s, seeded so that devices differ.
     pub fn mqtt() -> Backoff {
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
-        let seed = (nanos as u64) ^ (u64::from(std::process::id()) << 32);
+        let seed = backoff::seed_from_clock();
         Backoff::new(Duration::from_millis(500), Duration::from_secs(30), seed)
     }
 
     /// `seed` drives the jitter; a fixed seed gives a repeatable sequence (tests).
     pub fn new(initial: Duration, max: Duration, seed: u64) -> Backoff {
-        let initial = initial.min(max);
-        Backoff { initial, max, next: initial, failures: 0, rng: SplitMix64(seed) }
+        Backoff(Shared::new(initial, max, 2.0, JITTER, seed))
     }
 
     /// The delay before the next attempt; each call doubles the base of the one after it.
     pub fn failed(&mut self) -> Duration {
-        let base = self.next;
-        self.next = (self.next * 2).min(self.max);
-        self.failures = self.failures.saturating_add(1);
-        let factor = 1.0 - JITTER + 2.0 * JITTER * self.rng.unit();
-        base.mul_f64(factor).min(self.max)
+        self.0.failed().1
     }
 
     /// The longest delay, for failures that retrying soon cannot fix (a refused login).
     pub fn max(&self) -> Duration {
-        self.max
+        self.0.max()
     }
 
     /// Failures since the last success.
     pub fn failures(&self) -> u32 {
-        self.failures
+        self.0.attempt()
     }
 
     /// A connection succeeded: the next failure waits about `initial` again.
     pub fn reset(&mut self) {
-        self.next = self.initial;
-        self.failures = 0;
-    }
-}
-
-/// SplitMix64: a tiny, well-mixed PRNG; plenty for spreading reconnects, not for secrets.
-#[derive(Debug, Clone)]
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+        self.0.succeeded();
     }
 }
 

@@ -1,66 +1,43 @@
-//! The delay before a live source is rebuilt: exponential backoff with jitter.
-//!
-//! A camera that drops off the network should be retried quickly once (a reboot takes
-//! seconds) but not hammered for hours; and twenty cameras behind one switch that fails
-//! together should not all reconnect in the same millisecond when it comes back. So the delay
-//! grows from `initial` by `multiplier` up to `max`, each delay is spread by ± `jitter`, and
-//! the growth starts over once the source has delivered frames again. This is plain arithmetic
-//! with a seeded generator, so tests pin exact sequences.
+//! The delay before a live source is rebuilt: the shared [`Backoff`](crate::backoff::Backoff)
+//! with the `[sources]` policy. A camera that drops off the network is retried quickly once (a
+//! reboot takes seconds) but not hammered for hours, and the growth starts over once the
+//! source has delivered frames again.
 
 use std::time::Duration;
 
+use crate::backoff::Backoff;
 use crate::config::SourcesSettings;
-use crate::model::prng::Rng;
 
 /// Reconnection delays of one live source.
 #[derive(Debug, Clone)]
-pub struct ReconnectBackoff {
-    initial_ms: f64,
-    max_ms: f64,
-    multiplier: f64,
-    jitter: f64,
-    /// The delay before jitter for the next failure, milliseconds.
-    next_ms: f64,
-    /// Failures since the source last delivered frames.
-    attempt: u32,
-    rng: Rng,
-}
+pub struct ReconnectBackoff(Backoff);
 
 impl ReconnectBackoff {
     /// Delays following `policy`, jitter drawn from a generator seeded with `seed`.
     pub fn new(policy: &SourcesSettings, seed: u64) -> ReconnectBackoff {
-        let initial_ms = policy.backoff_initial_ms.max(1) as f64;
-        let max_ms = (policy.backoff_max_ms as f64).max(initial_ms);
-        ReconnectBackoff {
-            initial_ms,
-            max_ms,
-            multiplier: policy.backoff_multiplier.max(1.0),
-            jitter: policy.backoff_jitter.clamp(0.0, 0.99),
-            next_ms: initial_ms,
-            attempt: 0,
-            rng: Rng::new(seed),
-        }
+        ReconnectBackoff(Backoff::new(
+            Duration::from_millis(policy.backoff_initial_ms),
+            Duration::from_millis(policy.backoff_max_ms),
+            policy.backoff_multiplier,
+            policy.backoff_jitter,
+            seed,
+        ))
     }
 
     /// Notes a failure; returns its number since the last success (from 1) and the delay
     /// before the next attempt. The jittered delay never exceeds `max`.
     pub fn failed(&mut self) -> (u32, Duration) {
-        self.attempt = self.attempt.saturating_add(1);
-        let spread = (self.rng.uniform() * 2.0 - 1.0) * self.jitter;
-        let delay_ms = (self.next_ms * (1.0 + spread)).clamp(1.0, self.max_ms);
-        self.next_ms = (self.next_ms * self.multiplier).min(self.max_ms);
-        (self.attempt, Duration::from_millis(delay_ms.round() as u64))
+        self.0.failed()
     }
 
     /// The source delivered frames again: the next failure starts from `initial`.
     pub fn succeeded(&mut self) {
-        self.attempt = 0;
-        self.next_ms = self.initial_ms;
+        self.0.succeeded();
     }
 
     /// Failures since the last success.
     pub fn attempt(&self) -> u32 {
-        self.attempt
+        self.0.attempt()
     }
 }
 

@@ -116,10 +116,7 @@ impl Supervisor {
 /// A jitter seed that differs between streams and between runs, so cameras that fail together
 /// do not come back together.
 fn seed(stream: &str) -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_nanos() as u64);
-    stream.bytes().fold(nanos ^ 0x9E37_79B9_7F4A_7C15, |hash, byte| {
+    stream.bytes().fold(crate::backoff::seed_from_clock(), |hash, byte| {
         (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01B3)
     })
 }
