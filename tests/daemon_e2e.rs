@@ -45,6 +45,17 @@ spool_dir = "{spool}"
     path
 }
 
+/// Starts the daemon in the background, its output discarded.
+fn start_daemon(config: &Path) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_edgesight"))
+        .args(["run", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("daemon starts")
+}
+
 /// Runs the daemon to completion and returns its exit status and standard error.
 fn run_daemon(config: &Path, timeout: Duration) -> (std::process::ExitStatus, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_edgesight"))
@@ -254,13 +265,7 @@ fn sigterm_flushes_and_goes_offline() {
         "name = \"live\"\nkind = \"test\"\npattern = \"ball\"\nfps = 5.0\n",
     );
     let (_client, rx) = subscribe(broker.port, "test/e2e/#", "e2e-sigterm");
-    let child = Command::new(env!("CARGO_BIN_EXE_edgesight"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("daemon starts");
+    let child = start_daemon(&config);
 
     // Wait for a few classifications, then ask the daemon to stop.
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -303,13 +308,7 @@ fn a_file_read_flat_out_does_not_crowd_out_a_live_stream() {
         ),
     );
     let (_client, rx) = subscribe(broker.port, "test/e2e/+/classification", "e2e-share");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_edgesight"))
-        .args(["run", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("daemon starts");
+    let mut child = start_daemon(&config);
 
     // From the first classification of each stream, count for eight seconds.
     let deadline = Instant::now() + Duration::from_secs(120);

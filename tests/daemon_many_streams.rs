@@ -18,9 +18,6 @@ mod common;
 mod rtsp;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::thread;
@@ -28,6 +25,7 @@ use std::time::{Duration, Instant};
 
 use common::bundle::{corpus, test_bundle};
 use common::mosquitto::{Mosquitto, free_port};
+use common::watch::{scrape, validator};
 use rtsp::RtspServer;
 use rumqttc::Client;
 use serde_json::Value;
@@ -66,24 +64,6 @@ const PREFIX: &str = "test/many";
 /// Subscribes to `filter` at QoS 1; every publish arrives with its arrival time.
 fn subscribe(port: u16, filter: &str) -> (Client, mpsc::Receiver<Seen>) {
     common::watch::watch(port, filter, "many-watcher")
-}
-
-fn validator(file: &str) -> jsonschema::Validator {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("schema").join(file);
-    let schema: Value =
-        serde_json::from_str(&std::fs::read_to_string(path).expect("schema file")).expect("JSON");
-    jsonschema::options().should_validate_formats(true).build(&schema).expect("schema compiles")
-}
-
-/// `GET /metrics` on 127.0.0.1:`port`; the body of a 200 answer.
-fn scrape(port: u16) -> Option<String> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n").ok()?;
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).ok()?;
-    let (head, body) = answer.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200 ").then(|| body.to_string())
 }
 
 /// CPU time (user + system) the process has used, in seconds, from `/proc/<pid>/stat`.

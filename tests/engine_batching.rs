@@ -5,8 +5,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -15,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::bundle::{TEST_INPUT, corpus, test_bundle};
 use common::mosquitto::{Mosquitto, free_port};
+use common::watch::{scrape, validator};
 use common::{relative_error, test_input};
 use edgesight::model::{self, Bundle};
 use rumqttc::Client;
@@ -48,24 +47,6 @@ fn start_daemon(dir: &Path, text: &str) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .expect("daemon starts")
-}
-
-fn validator(file: &str) -> jsonschema::Validator {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("schema").join(file);
-    let schema: Value =
-        serde_json::from_str(&std::fs::read_to_string(path).expect("schema file")).expect("JSON");
-    jsonschema::options().should_validate_formats(true).build(&schema).expect("schema compiles")
-}
-
-/// `GET /metrics` on 127.0.0.1:`port`; the body of a 200 answer.
-fn scrape(port: u16) -> Option<String> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n").ok()?;
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).ok()?;
-    let (head, body) = answer.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200 ").then(|| body.to_string())
 }
 
 /// Parses exposition text strictly: comments are `# HELP name text` or `# TYPE name kind`, and

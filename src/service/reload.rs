@@ -122,12 +122,11 @@ impl Running {
     }
 
     /// Once every source has finished, lets go of the engine's input so that it drains and
-    /// ends; true from then on.
-    pub fn release_when_all_ended(&mut self) -> bool {
-        if self.events.is_some() && self.handles.values().all(SourceHandle::is_finished) {
+    /// ends.
+    pub fn release_when_all_ended(&mut self) {
+        if self.handles.values().all(SourceHandle::is_finished) {
             self.events = None;
         }
-        self.events.is_none()
     }
 
     /// Asks every source to stop and lets go of the engine's input; returns the handles to

@@ -1,6 +1,10 @@
-//! A blocking MQTT subscriber for tests that drive the daemon as a separate process: every
-//! publish arrives on a std channel with its arrival time and retain flag.
+//! Watching the daemon from outside, for tests that run it as a separate process: a blocking
+//! MQTT subscriber (every publish arrives on a std channel with its arrival time and retain
+//! flag), the payload schemas, and a scrape of the Prometheus endpoint.
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
 use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -54,4 +58,23 @@ pub fn watch(port: u16, filter: &str, client_id: &str) -> (Client, mpsc::Receive
     });
     ready_rx.recv_timeout(Duration::from_secs(10)).expect("subscription acknowledged");
     (client, rx)
+}
+
+/// The JSON Schema `schema/<file>`, with formats (date-time) checked.
+pub fn validator(file: &str) -> jsonschema::Validator {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("schema").join(file);
+    let text = std::fs::read_to_string(path).expect("schema file");
+    let schema: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+    jsonschema::options().should_validate_formats(true).build(&schema).expect("schema compiles")
+}
+
+/// `GET /metrics` on 127.0.0.1:`port`; the body of a 200 answer.
+pub fn scrape(port: u16) -> Option<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n").ok()?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).ok()?;
+    let (head, body) = answer.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200 ").then(|| body.to_string())
 }
