@@ -8,26 +8,17 @@
 //! (default 1) sets tract's threads, `EDGESIGHT_BENCH_FRAMES` (default 32) the frames per run.
 //! Numbers go to `benches/results.md`; nothing is asserted.
 
-use std::path::PathBuf;
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use common::bundle_224;
 use edgesight::engine::{Engine, EngineOptions};
 use edgesight::metrics::Metrics;
-use edgesight::model::{self, Backend, Bundle, SynthOptions, TractBackend};
+use edgesight::model::{self, Backend, Bundle, TractBackend};
 use edgesight::preprocess::Frame;
 use edgesight::source::{SourceEvent, SourceFrame};
-
-fn bundle_224() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-bundle-224");
-    if Bundle::open(&dir).is_err() {
-        let _ = std::fs::remove_dir_all(&dir);
-        if let Err(error) = model::synth::write_bundle(&dir, &SynthOptions::default()) {
-            panic!("cannot write the benchmark bundle {}: {error}", dir.display());
-        }
-    }
-    dir
-}
 
 fn env_number(name: &str, default: usize) -> usize {
     std::env::var(name).ok().and_then(|value| value.parse().ok()).unwrap_or(default)

@@ -5,25 +5,17 @@
 //! ResNet-50), written once under the target directory. Run with `cargo bench --bench pipeline`;
 //! the figures in the README come from this and from `benches/compare.rs`.
 
+mod common;
+
 use std::hint::black_box;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
+use common::bundle_224;
 use criterion::{Criterion, criterion_group, criterion_main};
 use edgesight::classify::Classifier;
-use edgesight::model::{self, Backend, Bundle, SynthOptions, TractBackbone, TractBackend};
+use edgesight::model::{self, Backend, Bundle, TractBackbone, TractBackend};
 use edgesight::preprocess::{Frame, Preprocess};
-
-fn bundle_224() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("bench-bundle-224");
-    if Bundle::open(&dir).is_err() {
-        let _ = std::fs::remove_dir_all(&dir);
-        if let Err(error) = model::synth::write_bundle(&dir, &SynthOptions::default()) {
-            panic!("cannot write the benchmark bundle {}: {error}", dir.display());
-        }
-    }
-    dir
-}
 
 fn open(dir: &Path) -> Bundle {
     Bundle::open(dir).unwrap_or_else(|error| panic!("{error}"))
