@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs the named Debian packages that are not installed yet, with apt-get (through sudo
 # when not root). Checking first keeps repeated runs fast: apt-get update is the slow part.
+# A name qualified with a foreign architecture (libgstreamer1.0-dev:arm64) adds that
+# architecture to dpkg first (multiarch).
 set -euo pipefail
 
 sudo=""
@@ -12,6 +14,17 @@ for package in "$@"; do
     || missing+=("$package")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
+  for package in "${missing[@]}"; do
+    case "$package" in
+      *:*)
+        arch=${package##*:}
+        if [ "$arch" != "$(dpkg --print-architecture)" ] \
+          && ! dpkg --print-foreign-architectures | grep -qx "$arch"; then
+          echo "adding the $arch architecture to dpkg (multiarch)"
+          $sudo dpkg --add-architecture "$arch"
+        fi ;;
+    esac
+  done
   echo "installing: ${missing[*]}"
   $sudo apt-get update -qq
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the tests need (GStreamer with its RTSP server library, Mosquitto, OpenSSL for
 # the TLS test certificates, systemd's tools for the unit checks, onnxruntime for the reference
-# test), starts Mosquitto on a free 127.0.0.1 port, and runs every test.
+# test, lintian for the package check), starts Mosquitto on a free 127.0.0.1 port, and runs every
+# test; then builds, installs and purges the .deb, and cross-builds for ARM and compares the ARM
+# binaries with the x86 one under qemu (cross/ installs the cross compilers and ARM libraries).
 #
 # Caches live outside the checkout (~/.cache/edgesight): the cargo target directory and a
 # Python virtual environment. Both are rebuilt when missing, so a clean machine works too.
@@ -16,7 +18,7 @@ mkdir -p "$cache"
 scripts/install-packages.sh pkg-config libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev \
   gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad \
   gstreamer1.0-libav gstreamer1.0-tools gstreamer1.0-rtsp libgstrtspserver-1.0-dev \
-  mosquitto mosquitto-clients openssl systemd python3 python3-venv
+  mosquitto mosquitto-clients openssl systemd python3 python3-venv lintian
 
 # 2. onnxruntime (PyPI) for the backbone reference test, in a venv outside the checkout.
 venv="$cache/venv"
@@ -60,3 +62,17 @@ fi
 cargo build --all-targets --locked
 cargo test --doc --locked
 cargo test --all-targets --locked
+
+# 5. Packages and ARM builds. The amd64 .deb is checked, installed and purged for real; aarch64 is
+# cross-built, compared with the x86 binary under qemu, and packaged. armv7 costs another release
+# build (about 12 minutes on 2 cores without a cache): it runs when this script has taken less
+# than EDGESIGHT_ARMV7_BEFORE_MIN minutes (default 30) so far, and is otherwise skipped with a
+# line saying so, keeping a run without caches inside CI's time (`cross/check.sh armv7` runs it).
+scripts/check-package.sh "$(scripts/package.sh amd64)"
+cross/check.sh aarch64 --input-size 64
+scripts/check-package.sh "$(scripts/package.sh arm64)"
+if (( SECONDS < ${EDGESIGHT_ARMV7_BEFORE_MIN:-30} * 60 )); then
+  cross/check.sh armv7 --input-size 64
+else
+  echo "armv7 check skipped: this run took $((SECONDS / 60)) min before it (cross/check.sh armv7)"
+fi
