@@ -60,7 +60,12 @@ if [ ! -f "$side/.complete" ]; then
     # _apt cannot write into a directory under root's home; the download is then made as root.
     apt-get download -qq "libgstreamer-plugins-base1.0-dev:$arch=$version" \
       2> >(grep -v unsandboxed >&2)
-  ) >&2
+  ) >&2 || {
+    echo "error: cannot download libgstreamer-plugins-base1.0-dev:$arch $version, the version" \
+      "of the installed libgstreamer-plugins-base1.0-0:$arch; when the archive has moved on," \
+      "upgrade both architectures' libraries (apt-get update && apt-get upgrade) and run again" >&2
+    exit 1
+  }
   dpkg-deb -x "$side"/deb/*.deb "$side/root"
   # The package's libfoo.so links are relative (libfoo.so -> libfoo.so.0); the libraries
   # themselves are in the host's multiarch directory.
@@ -72,10 +77,18 @@ fi
 
 upper=$(echo "$target" | tr 'a-z-' 'A-Z_')
 lower=${target//-/_}
+# Cargo ignores target.<triple>.rustflags when RUSTFLAGS is set, so the search path joins
+# RUSTFLAGS then.
+search="-L native=$side/root/usr/lib/$triplet"
+if [ -n "${RUSTFLAGS:-}" ]; then
+  link_flags="export RUSTFLAGS='$RUSTFLAGS $search'"
+else
+  link_flags="export CARGO_TARGET_${upper}_RUSTFLAGS='$search'"
+fi
 env_lines=(
   "export CARGO_TARGET_DIR='$CARGO_TARGET_DIR'"
   "export CARGO_TARGET_${upper}_LINKER='$triplet-gcc'"
-  "export CARGO_TARGET_${upper}_RUSTFLAGS='-L native=$side/root/usr/lib/$triplet'"
+  "$link_flags"
   "export CC_${lower}='$triplet-gcc'"
   "export AR_${lower}='$triplet-ar'"
   "export PKG_CONFIG_ALLOW_CROSS=1"

@@ -1,8 +1,8 @@
 """Compares what two builds of edgesight wrote (used by cross/check.sh).
 
   compare.py bundles DIR_A DIR_B     two bundles' manifests: file checksums, labels, k, …
-  compare.py rows A.jsonl B.jsonl T  `classify --json` rows: same inputs, frames, errors and
-                                     top-1 labels, scores within T
+  compare.py rows A.jsonl B.jsonl T  `classify --json` rows: same inputs and frames, no
+                                     errors, same top-1 labels, scores within T
 
 Exits 1 with every difference listed when they do not agree.
 """
@@ -54,7 +54,9 @@ def compare_rows(a, b, tolerance):
     worst = 0.0
     for row_a, row_b in zip(rows_a, rows_b):
         where = f"{row_a.get('file')} frame {row_a.get('frame')}"
-        for key in ("file", "frame", "time_ms", "label", "error"):
+        if "error" in row_a or "error" in row_b:
+            problems.append(f"{where}: failed: {row_a.get('error') or row_b.get('error')}")
+        for key in ("file", "frame", "time_ms", "label"):
             if row_a.get(key) != row_b.get(key):
                 problems.append(f"{where}: {key} {row_a.get(key)!r} vs {row_b.get(key)!r}")
         if "score" in row_a and "score" in row_b:

@@ -71,8 +71,12 @@ if [ "$arch" != "$(dpkg --print-architecture)" ]; then
   echo "install: skipped (an $arch package; this machine is $(dpkg --print-architecture))"
   exit 0
 fi
-if dpkg-query -W -f='${Status}' edgesight 2> /dev/null | grep -q installed; then
-  echo "install: skipped (edgesight is installed on this machine; the check would replace it)"
+# Any state dpkg knows besides not-installed (installed, or removed with its conffiles and state
+# kept, or half-installed) belongs to somebody: the check's purge would delete it.
+state=$(dpkg-query -W -f='${db:Status-Status}' edgesight 2> /dev/null || true)
+if [ -n "$state" ] && [ "$state" != not-installed ]; then
+  echo "install: skipped (edgesight is known to dpkg here, state '$state'; the check would" \
+    "replace and purge it)"
   exit 0
 fi
 
@@ -112,14 +116,19 @@ enabled=$(systemctl is-enabled edgesight.service 2>&1 || true)
 [ "$enabled" = disabled ] \
   || fail "the service is '$enabled' after install; it must wait, disabled, for its configuration"
 
-# The service account can write model bundles into its state directory, and the daemon reads
-# the packaged configuration with a bundle in place (its sample stream path aside).
+# The packaged configuration is refused until it names a stream (exit 2, which systemd does not
+# restart), and the service account can write a bundle into its state directory.
+checked=$("${sudo[@]}" runuser -u edgesight -- /usr/bin/edgesight config check "$config" 2>&1) \
+  && fail "config check accepted the packaged configuration, which names no stream"
+grep -q 'at least one \[\[streams\]\]' <<< "$checked" \
+  || fail "config check of the packaged configuration: $checked"
 "${sudo[@]}" runuser -u edgesight -- /usr/bin/edgesight model synth --input-size 64 \
   --out /var/lib/edgesight/models/default > /dev/null \
   || fail "the edgesight account cannot write a bundle to /var/lib/edgesight/models"
 "${sudo[@]}" runuser -u edgesight -- /usr/bin/edgesight model verify \
   /var/lib/edgesight/models/default > /dev/null || fail "the bundle written there does not verify"
-echo "install: files in place, account and state directories made, unit verified, disabled"
+echo "install: files in place, account and state directories made, unit verified, disabled;" \
+  "the packaged configuration asks for a stream"
 
 "${sudo[@]}" dpkg --purge edgesight > "$control/purge.log" 2>&1 \
   || { cat "$control/purge.log"; fail "dpkg --purge failed"; }

@@ -9,6 +9,7 @@ sudo=""
 if [ "$(id -u)" != 0 ]; then sudo="sudo"; fi
 
 missing=()
+added=()
 for package in "$@"; do
   dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" \
     || missing+=("$package")
@@ -22,11 +23,18 @@ if [ "${#missing[@]}" -gt 0 ]; then
           && ! dpkg --print-foreign-architectures | grep -qx "$arch"; then
           echo "adding the $arch architecture to dpkg (multiarch)"
           $sudo dpkg --add-architecture "$arch"
+          added+=("$arch")
         fi ;;
     esac
   done
   echo "installing: ${missing[*]}"
-  $sudo apt-get update -qq
+  if ! $sudo apt-get update -qq; then
+    # An architecture the configured archives do not carry (e.g. arm64 on an Ubuntu host, whose
+    # ARM packages live elsewhere) breaks every later update: take it back out.
+    for arch in "${added[@]}"; do $sudo dpkg --remove-architecture "$arch"; done
+    echo "error: apt-get update failed${added:+ after adding ${added[*]}, removed again}" >&2
+    exit 1
+  fi
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
     "${missing[@]}"
 fi

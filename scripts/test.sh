@@ -68,11 +68,15 @@ cargo test --all-targets --locked
 # build (about 12 minutes on 2 cores without a cache): it runs when this script has taken less
 # than EDGESIGHT_ARMV7_BEFORE_MIN minutes (default 30) so far, and is otherwise skipped with a
 # line saying so, keeping a run without caches inside CI's time (`cross/check.sh armv7` runs it).
-scripts/check-package.sh "$(scripts/package.sh amd64)"
+deb=$(scripts/package.sh amd64)
+scripts/check-package.sh "$deb"
 cross/check.sh aarch64 --input-size 64
-scripts/check-package.sh "$(scripts/package.sh arm64)"
+deb=$(scripts/package.sh arm64)
+scripts/check-package.sh "$deb"
 if (( SECONDS < ${EDGESIGHT_ARMV7_BEFORE_MIN:-30} * 60 )); then
   cross/check.sh armv7 --input-size 64
+  deb=$(scripts/package.sh armhf)
+  scripts/check-package.sh "$deb"
 else
   echo "armv7 check skipped: this run took $((SECONDS / 60)) min before it (cross/check.sh armv7)"
 fi

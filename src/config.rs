@@ -507,6 +507,9 @@ impl Settings {
         let mut unknown = Vec::new();
         let parsed: Result<Settings, _> =
             serde_ignored::deserialize(raw.clone(), |path| unknown.push(path.to_string()));
+        // The config crate keeps tables in hash maps, so keys arrive in a different order on
+        // each run; sorted, the report reads the same every time.
+        unknown.sort();
         let mut problems: Vec<Problem> = unknown
             .into_iter()
             .map(|key| Problem { key: tidy_key(&key), message: "unknown key".into() })

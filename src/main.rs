@@ -150,7 +150,14 @@ fn run(config: Option<&Path>) -> anyhow::Result<ExitCode> {
         );
     }
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    let outcome = runtime.block_on(service::run(settings, file))?;
+    let outcome = match runtime.block_on(service::run(settings, file)) {
+        Ok(outcome) => outcome,
+        Err(error @ service::ServiceError::Model { .. }) => {
+            eprintln!("error: {error}");
+            return Ok(ExitCode::from(2));
+        }
+        Err(error) => return Err(error.into()),
+    };
     Ok(if outcome.all_failed() || outcome.unacknowledged > 0 {
         ExitCode::from(1)
     } else {

@@ -33,14 +33,16 @@ use reload::Running;
 /// Why the daemon could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {
-    #[error("model {path}: {source}")]
-    Model { path: PathBuf, source: ModelError },
+    /// The bundle is missing or does not load; a restart cannot fix it, so `edgesight run`
+    /// exits 2, like a configuration error.
+    #[error("model {path}: {error}")]
+    Model { path: PathBuf, error: ModelError },
     #[error(transparent)]
     Publish(#[from] crate::publish::PublishError),
     #[error("cannot start the engine thread: {0}")]
     Thread(std::io::Error),
-    #[error("metrics.listen = {listen:?}: cannot listen: {source}")]
-    MetricsListen { listen: String, source: std::io::Error },
+    #[error("metrics.listen = {listen:?}: cannot listen: {error}")]
+    MetricsListen { listen: String, error: std::io::Error },
 }
 
 /// How a run ended.
@@ -75,7 +77,7 @@ pub fn cache_dir() -> PathBuf {
 /// Opens the bundle at `path`, writing a synthetic one first when `synth_if_missing` is set
 /// and nothing is there.
 pub fn prepare_bundle(path: &Path, synth_if_missing: bool) -> Result<Bundle, ServiceError> {
-    let wrap = |source| ServiceError::Model { path: path.to_path_buf(), source };
+    let wrap = |error| ServiceError::Model { path: path.to_path_buf(), error };
     if synth_if_missing && !path.join("manifest.toml").exists() {
         info!(model = %path.display(), "no bundle yet; writing a synthetic ResNet-50 bundle");
         model::synth::write_bundle(path, &SynthOptions::default()).map_err(wrap)?;
@@ -133,7 +135,7 @@ pub async fn run(
         Some(listen) => Some(
             MetricsServer::start(listen, Arc::clone(&metrics))
                 .await
-                .map_err(|source| ServiceError::MetricsListen { listen: listen.clone(), source })?,
+                .map_err(|error| ServiceError::MetricsListen { listen: listen.clone(), error })?,
         ),
     };
     let stats_task = (settings.metrics.stats_interval_s > 0).then(|| {
@@ -239,7 +241,7 @@ async fn start(settings: &Settings, metrics: &Arc<Metrics>) -> Result<Started, S
     let max_batch = settings.engine.max_batch;
     let loaded = tokio::task::spawn_blocking(move || {
         let bundle = prepare_bundle(&path, synth)?;
-        let model_error = |source| ServiceError::Model { path: bundle.dir.clone(), source };
+        let model_error = |error| ServiceError::Model { path: bundle.dir.clone(), error };
         let mut backend = model::open_backend(&bundle, threads).map_err(model_error)?;
         let warming = std::time::Instant::now();
         let sizes =

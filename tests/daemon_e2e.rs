@@ -250,9 +250,11 @@ fn a_missing_bundle_is_a_clear_error() {
         broker.port
     );
     let output = run_once(dir.path(), &text);
-    assert_eq!(output.status.code(), Some(1));
+    // Exit 2, like a configuration error: the unit does not restart what a restart cannot fix.
+    assert_eq!(output.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("nowhere") && stderr.contains("manifest.toml"), "{stderr}");
+    assert_eq!(stderr.matches("No such file").count(), 1, "the cause once: {stderr}");
 }
 
 #[test]

@@ -288,16 +288,21 @@ mod tests {
 
     #[test]
     fn the_examples_and_the_documented_config_are_valid_and_name_every_key() {
+        let documented = include_str!("../../config/edgesight.toml");
+        // The documented config (the package's conffile) asks for a stream before it runs...
+        let error = Settings::from_toml_str(documented, "edgesight.toml").unwrap_err();
+        assert!(error.to_string().contains("at least one [[streams]]"), "{error}");
+        // ...and is valid once it has one; so are the examples.
+        let with_stream = format!("{documented}\n[[streams]]\nname = \"door\"\nkind = \"test\"\n");
         for (name, text) in [
             ("rtsp.toml", include_str!("../../config/examples/rtsp.toml")),
             ("v4l2.toml", include_str!("../../config/examples/v4l2.toml")),
-            ("edgesight.toml", include_str!("../../config/edgesight.toml")),
+            ("edgesight.toml with a stream", with_stream.as_str()),
         ] {
             if let Err(error) = Settings::from_toml_str(text, name) {
                 panic!("{error}");
             }
         }
-        let documented = include_str!("../../config/edgesight.toml");
         for key in [
             "stall_timeout_s",
             "backoff_initial_ms",
