@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use common::bundle::{corpus, test_bundle};
 use common::mosquitto::{Mosquitto, free_port};
-use common::watch::{scrape, validator};
+use common::watch::{scrape, take_until, validator};
 use rtsp::RtspServer;
 use rumqttc::Client;
 use serde_json::Value;
@@ -122,24 +122,6 @@ fn config(broker: u16, metrics: u16, server: &RtspServer) -> String {
         text.push_str(&format!("[[streams]]\nname = \"{name}\"\nfps = {fps}\n{body}\n\n"));
     }
     text
-}
-
-/// Takes messages into `seen` until `done` holds; panics with `what` after `within`.
-fn take_until(
-    rx: &mpsc::Receiver<Seen>,
-    seen: &mut Vec<Seen>,
-    within: Duration,
-    what: &str,
-    done: impl Fn(&[Seen]) -> bool,
-) {
-    let deadline = Instant::now() + within;
-    while !done(seen) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left.max(Duration::from_millis(1))) {
-            Ok(message) => seen.push(message),
-            Err(_) => panic!("{what}: not within {within:?}; {} messages so far", seen.len()),
-        }
-    }
 }
 
 fn topic(stream: &str, leaf: &str) -> String {

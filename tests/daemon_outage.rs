@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::bundle::test_bundle;
 use common::mosquitto::Mosquitto;
+use common::watch::take_until;
 use edgesight::publish::spool::Spool;
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 use serde_json::Value;
@@ -128,24 +129,6 @@ fn stop(mut child: Child, log: &Path) {
     };
     let text = std::fs::read_to_string(log).unwrap_or_default();
     assert!(exit.success(), "daemon exit {exit}:\n{text}");
-}
-
-/// Takes arrivals until `done` says so or `within` passes; panics on timeout with `what`.
-fn take_until(
-    rx: &mpsc::Receiver<Arrival>,
-    into: &mut Vec<Arrival>,
-    within: Duration,
-    what: &str,
-    done: impl Fn(&[Arrival]) -> bool,
-) {
-    let deadline = Instant::now() + within;
-    while !done(into) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left.max(Duration::from_millis(1))) {
-            Ok(arrival) => into.push(arrival),
-            Err(_) => panic!("{what}: not within {within:?}; saw {} messages", into.len()),
-        }
-    }
 }
 
 fn classifications(arrivals: &[Arrival]) -> impl Iterator<Item = &Seen> {

@@ -6,56 +6,18 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
 use common::Subscriber;
 use common::mosquitto::{Mosquitto, free_port};
-use edgesight::config::Settings;
+use common::publish::{classification, publisher_settings};
 use edgesight::metrics::Metrics;
-use edgesight::publish::payload::{
-    Classification, LabelScore, Latency, ModelRef, SCHEMA_VERSION, StreamState, rfc3339_ms,
-};
+use edgesight::publish::payload::{SCHEMA_VERSION, StreamState, rfc3339_ms};
 use edgesight::publish::{Message, PublishError, Publisher, Topics, schema, start_embedded};
 use rumqttc::QoS;
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(5);
-
-/// Settings for a private broker; each test's spool lives in its own temporary directory.
-fn settings(port: u16, device: &str, spool: &Path) -> Settings {
-    let mut settings = Settings { device_id: device.into(), ..Settings::default() };
-    settings.mqtt.spool_dir = Some(spool.to_path_buf());
-    settings.mqtt.host = "127.0.0.1".into();
-    settings.mqtt.port = port;
-    settings.mqtt.prefix = "edgesight-test".into();
-    settings.mqtt.flush_timeout_s = 3;
-    settings.mqtt.keep_alive_s = 5;
-    settings
-}
-
-fn classification(device: &str, stream: &str, seq: u64) -> Classification {
-    let score = 0.5 + (seq % 5) as f32 / 10.0;
-    Classification {
-        schema: SCHEMA_VERSION,
-        device: device.into(),
-        stream: stream.into(),
-        run_id: "run-1".into(),
-        seq,
-        captured_at: rfc3339_ms(SystemTime::now()),
-        position_ms: Some(seq * 500),
-        label: "person".into(),
-        score,
-        top_k: vec![
-            LabelScore { label: "person".into(), score },
-            LabelScore { label: "cat".into(), score: 1.0 - score },
-        ],
-        latency_ms: Latency { queue: 0.5, preprocess: 1.0, backbone: 30.0, head: 2.0, total: 34.0 },
-        model: ModelRef { name: "synth".into(), version: "1".into(), checksum: "00ff".into() },
-        embedding: None,
-        replayed: false,
-    }
-}
 
 fn state(device: &str, stream: &str) -> StreamState {
     StreamState {
@@ -99,9 +61,10 @@ async fn publishes_status_classifications_and_state_then_offline() {
     let topics = Topics::new("edgesight-test", "box-1");
     let mut watcher = Subscriber::connect(broker.port, "watcher", &topics.all()).await;
 
-    let publisher = Publisher::start(&settings(broker.port, "box-1", spool.path()), Metrics::new())
-        .await
-        .expect("start");
+    let publisher =
+        Publisher::start(&publisher_settings(broker.port, "box-1", spool.path()), Metrics::new())
+            .await
+            .expect("start");
     let online = watcher.expect(&topics.status(), WAIT).await;
     assert_eq!(&online.payload[..], b"online");
     assert_eq!(retained(broker.port, &topics.status()).await, Some(("online".into(), true)));
@@ -150,9 +113,10 @@ async fn survives_a_broker_restart_and_republishes_online() {
     let spool = tempfile::tempdir().expect("spool dir");
     let mut broker = Mosquitto::start();
     let topics = Topics::new("edgesight-test", "box-2");
-    let publisher = Publisher::start(&settings(broker.port, "box-2", spool.path()), Metrics::new())
-        .await
-        .expect("start");
+    let publisher =
+        Publisher::start(&publisher_settings(broker.port, "box-2", spool.path()), Metrics::new())
+            .await
+            .expect("start");
     let sender = publisher.sender();
     sender.send(Message::Classification(classification("box-2", "yard", 0))).await.expect("send");
     let mut watcher = Subscriber::connect(broker.port, "watcher", &topics.all()).await;
@@ -192,7 +156,7 @@ async fn survives_a_broker_restart_and_republishes_online() {
 async fn a_dead_broker_at_shutdown_leaves_the_messages_spooled_for_the_next_run() {
     let spool = tempfile::tempdir().expect("spool dir");
     let mut broker = Mosquitto::start();
-    let mut settings = settings(broker.port, "box-3", spool.path());
+    let mut settings = publisher_settings(broker.port, "box-3", spool.path());
     settings.mqtt.flush_timeout_s = 2;
     let metrics = Metrics::new();
     let publisher = Publisher::start(&settings, metrics.clone()).await.expect("start");
@@ -241,7 +205,7 @@ async fn a_dead_broker_at_shutdown_leaves_the_messages_spooled_for_the_next_run(
 async fn a_wrong_password_fails_start_with_a_clear_error() {
     let spool = tempfile::tempdir().expect("spool dir");
     let broker = Mosquitto::start_with_password("edge", "right-password");
-    let mut settings = settings(broker.port, "box-4", spool.path());
+    let mut settings = publisher_settings(broker.port, "box-4", spool.path());
     settings.mqtt.username = Some("edge".into());
     settings.mqtt.password = Some("wrong-password".into());
     let started = Instant::now();
@@ -275,9 +239,10 @@ async fn the_embedded_broker_carries_publisher_and_subscriber() {
     assert!(broker.is_running());
     let topics = Topics::new("edgesight-test", "box-5");
     let mut watcher = Subscriber::connect(port, "watcher", &topics.all()).await;
-    let publisher = Publisher::start(&settings(port, "box-5", spool.path()), Metrics::new())
-        .await
-        .expect("start");
+    let publisher =
+        Publisher::start(&publisher_settings(port, "box-5", spool.path()), Metrics::new())
+            .await
+            .expect("start");
     let online = watcher.expect(&topics.status(), WAIT).await;
     assert_eq!(&online.payload[..], b"online");
 

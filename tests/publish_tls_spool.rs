@@ -6,49 +6,17 @@
 mod common;
 
 use std::path::Path;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use common::Subscriber;
 use common::mosquitto::{Mosquitto, TestPki};
+use common::publish::{classification, publisher_settings};
 use edgesight::config::{Settings, TlsSettings};
 use edgesight::metrics::Metrics;
-use edgesight::publish::payload::{
-    Classification, LabelScore, Latency, ModelRef, SCHEMA_VERSION, rfc3339_ms,
-};
 use edgesight::publish::{Message, PublishError, Publisher, Topics};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(5);
-
-fn settings(port: u16, device: &str, spool: &Path) -> Settings {
-    let mut settings = Settings { device_id: device.into(), ..Settings::default() };
-    settings.mqtt.host = "127.0.0.1".into();
-    settings.mqtt.port = port;
-    settings.mqtt.prefix = "edgesight-test".into();
-    settings.mqtt.flush_timeout_s = 3;
-    settings.mqtt.keep_alive_s = 5;
-    settings.mqtt.spool_dir = Some(spool.to_path_buf());
-    settings
-}
-
-fn classification(device: &str, stream: &str, seq: u64) -> Message {
-    Message::Classification(Classification {
-        schema: SCHEMA_VERSION,
-        device: device.into(),
-        stream: stream.into(),
-        run_id: "run-1".into(),
-        seq,
-        captured_at: rfc3339_ms(SystemTime::now()),
-        position_ms: None,
-        label: "cat".into(),
-        score: 0.5,
-        top_k: vec![LabelScore { label: "cat".into(), score: 0.5 }],
-        latency_ms: Latency::default(),
-        model: ModelRef { name: "synth".into(), version: "1".into(), checksum: "00".into() },
-        embedding: None,
-        replayed: false,
-    })
-}
 
 fn tls(pki: &TestPki, client_cert: bool, server_name: Option<&str>) -> TlsSettings {
     TlsSettings {
@@ -73,7 +41,8 @@ async fn tls_with_a_client_certificate_and_a_server_name_carries_messages() {
     let pki = TestPki::new("DNS:broker.test");
     let broker = Mosquitto::start_tls(&pki, true);
     let spool = tempfile::tempdir().expect("spool dir");
-    let mut settings = settings(broker.tls_port.expect("TLS port"), "tls-1", spool.path());
+    let mut settings =
+        publisher_settings(broker.tls_port.expect("TLS port"), "tls-1", spool.path());
     settings.mqtt.tls = Some(tls(&pki, true, Some("broker.test")));
     let topics = Topics::new("edgesight-test", "tls-1");
     let mut watcher = Subscriber::connect(broker.port, "watcher", &topics.all()).await;
@@ -82,7 +51,10 @@ async fn tls_with_a_client_certificate_and_a_server_name_carries_messages() {
     assert_eq!(&online.payload[..], b"online");
     let sender = publisher.sender();
     for seq in 0..3 {
-        sender.send(classification("tls-1", "door", seq)).await.expect("send");
+        sender
+            .send(Message::Classification(classification("tls-1", "door", seq)))
+            .await
+            .expect("send");
     }
     for seq in 0..3 {
         let publish = watcher.expect(&topics.classification("door"), WAIT).await;
@@ -108,7 +80,7 @@ async fn an_untrusted_or_misnamed_server_certificate_fails_the_start_clearly() {
     let broker = Mosquitto::start_tls(&pki, false);
     let spool = tempfile::tempdir().expect("spool dir");
     let port = broker.tls_port.expect("TLS port");
-    let mut settings = settings(port, "tls-2", spool.path());
+    let mut settings = publisher_settings(port, "tls-2", spool.path());
 
     // Signed by a CA we do not trust.
     settings.mqtt.tls = Some(tls(&stranger, false, Some("broker.test")));
@@ -136,7 +108,7 @@ async fn an_untrusted_or_misnamed_server_certificate_fails_the_start_clearly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_tls_file_is_named_before_any_connection() {
     let spool = tempfile::tempdir().expect("spool dir");
-    let mut settings = settings(1, "tls-3", spool.path());
+    let mut settings = publisher_settings(1, "tls-3", spool.path());
     let pki = TestPki::new("IP:127.0.0.1");
     let missing = spool.path().join("no-such-key.pem");
     settings.mqtt.tls = Some(TlsSettings {
@@ -154,14 +126,17 @@ async fn a_missing_tls_file_is_named_before_any_connection() {
 async fn after_an_outage_online_comes_first_then_every_message_in_order() {
     let mut broker = Mosquitto::start();
     let spool = tempfile::tempdir().expect("spool dir");
-    let settings = settings(broker.port, "out-1", spool.path());
+    let settings = publisher_settings(broker.port, "out-1", spool.path());
     let topics = Topics::new("edgesight-test", "out-1");
     let metrics = Metrics::new();
     let publisher = Publisher::start(&settings, metrics.clone()).await.expect("start");
     let sender = publisher.sender();
     let mut watcher = Subscriber::connect(broker.port, "watcher", &topics.all()).await;
     for seq in 0..10 {
-        sender.send(classification("out-1", "yard", seq)).await.expect("send");
+        sender
+            .send(Message::Classification(classification("out-1", "yard", seq)))
+            .await
+            .expect("send");
     }
     for seq in 0..10 {
         let publish = watcher.expect(&topics.classification("yard"), WAIT).await;
@@ -174,7 +149,10 @@ async fn after_an_outage_online_comes_first_then_every_message_in_order() {
     broker.kill();
     // Messages produced during the outage, at a camera's pace.
     for seq in 10..40 {
-        sender.send(classification("out-1", "yard", seq)).await.expect("send");
+        sender
+            .send(Message::Classification(classification("out-1", "yard", seq)))
+            .await
+            .expect("send");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // The publisher retries 0.5, 1.5, 3.5 and 7.5 s after the loss: restart in between, and
@@ -189,7 +167,10 @@ async fn after_an_outage_online_comes_first_then_every_message_in_order() {
         "online must come before any replayed message"
     );
     for seq in 40..45 {
-        sender.send(classification("out-1", "yard", seq)).await.expect("send");
+        sender
+            .send(Message::Classification(classification("out-1", "yard", seq)))
+            .await
+            .expect("send");
     }
     let mut seen = Vec::new();
     while seen.last() != Some(&44) {
@@ -214,14 +195,17 @@ async fn after_an_outage_online_comes_first_then_every_message_in_order() {
 async fn a_login_refused_on_reconnect_is_retried_slowly_while_messages_are_spooled() {
     let mut broker = Mosquitto::start();
     let spool = tempfile::tempdir().expect("spool dir");
-    let settings = settings(broker.port, "auth-1", spool.path());
+    let settings = publisher_settings(broker.port, "auth-1", spool.path());
     let metrics = Metrics::new();
     let publisher = Publisher::start(&settings, metrics.clone()).await.expect("start");
     // The broker comes back wanting a password the publisher does not have.
     broker.restart_with_password("edge", "only-for-others");
     let sender = publisher.sender();
     for seq in 0..5 {
-        sender.send(classification("auth-1", "door", seq)).await.expect("send");
+        sender
+            .send(Message::Classification(classification("auth-1", "door", seq)))
+            .await
+            .expect("send");
     }
     tokio::time::sleep(Duration::from_secs(5)).await;
     let attempts = broker.log().matches("New connection from 127.0.0.1").count();
@@ -238,18 +222,20 @@ async fn a_login_refused_on_reconnect_is_retried_slowly_while_messages_are_spool
 async fn a_second_publisher_on_the_same_spool_fails_the_start_until_the_first_finished() {
     let broker = Mosquitto::start();
     let spool = tempfile::tempdir().expect("spool dir");
-    let first = Publisher::start(&settings(broker.port, "lock-1", spool.path()), Metrics::new())
-        .await
-        .expect("first start");
-    let error = start_error(&settings(broker.port, "lock-2", spool.path())).await;
+    let first =
+        Publisher::start(&publisher_settings(broker.port, "lock-1", spool.path()), Metrics::new())
+            .await
+            .expect("first start");
+    let error = start_error(&publisher_settings(broker.port, "lock-2", spool.path())).await;
     let text = error.to_string();
     assert!(text.contains("mqtt.spool_dir"), "{text}");
     assert!(text.contains(&spool.path().display().to_string()), "{text}");
     assert!(text.contains("another edgesight process"), "{text}");
     first.finish().await.expect("finish");
-    let again = Publisher::start(&settings(broker.port, "lock-2", spool.path()), Metrics::new())
-        .await
-        .expect("start once the first is gone");
+    let again =
+        Publisher::start(&publisher_settings(broker.port, "lock-2", spool.path()), Metrics::new())
+            .await
+            .expect("start once the first is gone");
     again.finish().await.expect("finish");
 }
 
@@ -261,7 +247,7 @@ async fn an_unwritable_spool_directory_fails_the_start() {
     let file = holder.path().join("a-file");
     std::fs::write(&file, b"x").expect("write");
     for dir in [Path::new("/proc/self").to_path_buf(), file.join("spool")] {
-        let text = start_error(&settings(1, "ro-1", &dir)).await.to_string();
+        let text = start_error(&publisher_settings(1, "ro-1", &dir)).await.to_string();
         assert!(text.starts_with(&format!("mqtt.spool_dir {}: ", dir.display())), "{text}");
         assert_eq!(text.matches("os error").count(), 1, "{text}");
     }

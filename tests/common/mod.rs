@@ -12,6 +12,7 @@
 pub mod bundle;
 pub mod model;
 pub mod mosquitto;
+pub mod publish;
 pub mod watch;
 
 #[allow(unused_imports)]

@@ -20,6 +20,25 @@ pub struct Heard {
     pub retained: bool,
 }
 
+/// Takes items from `rx` into `into` until `done` holds; panics naming `what` when `within`
+/// passes first.
+pub fn take_until<T>(
+    rx: &mpsc::Receiver<T>,
+    into: &mut Vec<T>,
+    within: Duration,
+    what: &str,
+    done: impl Fn(&[T]) -> bool,
+) {
+    let deadline = Instant::now() + within;
+    while !done(into) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left.max(Duration::from_millis(1))) {
+            Ok(item) => into.push(item),
+            Err(_) => panic!("{what}: not within {within:?}; {} messages so far", into.len()),
+        }
+    }
+}
+
 /// Subscribes to `filter` at QoS 1 on 127.0.0.1:`port` and returns once the broker confirmed
 /// the subscription; publishes arrive until the connection drops. Keep the client alive for
 /// as long as messages are wanted.
