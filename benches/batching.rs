@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 use common::bundle_224;
 use edgesight::engine::{Engine, EngineOptions};
 use edgesight::metrics::Metrics;
-use edgesight::model::{self, Backend, Bundle, TractBackend};
+use edgesight::model::{self, Backend, BackendOptions, Bundle, TractBackend};
 use edgesight::preprocess::Frame;
 use edgesight::source::{SourceEvent, SourceFrame};
 
@@ -45,7 +45,8 @@ fn frame(seed: usize) -> Frame {
 
 /// Frames/s of the engine over `frames` frames from 4 streams, all queued up front.
 fn engine_fps(bundle: &Bundle, threads: usize, max_batch: usize, frames: usize) -> f64 {
-    let mut backend = model::open_backend(bundle, threads).unwrap_or_else(|e| panic!("{e}"));
+    let mut backend = model::open_backend(bundle, &BackendOptions::tract(threads))
+        .unwrap_or_else(|e| panic!("{e}"));
     // Build every plan the run can use first (one per batch size); not part of the figure.
     let side = bundle.input_size as usize;
     for n in 1..=max_batch {

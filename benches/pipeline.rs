@@ -14,7 +14,7 @@ use std::time::Duration;
 use common::bundle_224;
 use criterion::{Criterion, criterion_group, criterion_main};
 use edgesight::classify::Classifier;
-use edgesight::model::{self, Backend, Bundle, TractBackbone, TractBackend};
+use edgesight::model::{self, Backend, BackendOptions, Bundle, TractBackbone, TractBackend};
 use edgesight::preprocess::{Frame, Preprocess};
 
 fn open(dir: &Path) -> Bundle {
@@ -59,7 +59,8 @@ fn classify_video(c: &mut Criterion) {
     let bundle = open(&dir);
     let video =
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/corpus/vid_h264_aac_160x90.mp4");
-    let backend = model::open_backend(&bundle, 1).unwrap_or_else(|error| panic!("{error}"));
+    let backend = model::open_backend(&bundle, &BackendOptions::tract(1))
+        .unwrap_or_else(|error| panic!("{error}"));
     let mut classifier = Classifier::new(backend, &bundle, 5.0);
     let mut group = c.benchmark_group("classify");
     group.sample_size(10).measurement_time(Duration::from_secs(10));

@@ -2,7 +2,8 @@
 # Installs what the tests need (GStreamer with its RTSP server library, Mosquitto, OpenSSL for
 # the TLS test certificates, systemd's tools for the unit checks, onnxruntime for the reference
 # test, lintian for the package check), starts Mosquitto on a free 127.0.0.1 port, and runs every
-# test; then builds, installs and purges the .deb, and cross-builds for ARM and compares the ARM
+# test (with the `torch` feature, on a CPU-only libtorch that scripts/libtorch.sh assembles from
+# PyPI wheels); then builds, installs and purges the .deb, and cross-builds for ARM and compares the ARM
 # binaries with the x86 one under qemu (cross/ installs the cross compilers and ARM libraries).
 #
 # Caches live outside the checkout (~/.cache/edgesight): the cargo target directory and a
@@ -52,18 +53,25 @@ done
 export EDGESIGHT_TEST_MQTT_PORT="$port"
 echo "mosquitto on 127.0.0.1:$port"
 
-# 4. Style and lints, then every test (unit, integration, doc) and a compile of the benchmarks.
+# 4. libtorch for the `torch` feature: a CPU-only LIBTORCH directory from the PyPI wheels,
+# cached under ~/.cache/edgesight (scripts/libtorch.sh says how it is made).
+eval "$(scripts/libtorch.sh)"
+
+# 5. Style and lints of both builds (default: tract only, as shipped; and with `torch`), then
+# every test (unit, integration, doc) and a compile of the benchmarks with `torch`, which runs
+# the tract tests too and the parity tests between the two backends.
 cargo fmt --all -- --check
 if cargo clippy --version >/dev/null 2>&1; then
   cargo clippy --all-targets --locked -- -D warnings
+  cargo clippy --all-targets --locked --features torch -- -D warnings
 else
   echo "cargo clippy is not installed; lints skipped"
 fi
-cargo build --all-targets --locked
-cargo test --doc --locked
-cargo test --all-targets --locked
+cargo build --all-targets --locked --features torch
+cargo test --doc --locked --features torch
+cargo test --all-targets --locked --features torch
 
-# 5. Packages and ARM builds. The amd64 .deb is checked, installed and purged for real; aarch64 is
+# 6. Packages and ARM builds. The amd64 .deb is checked, installed and purged for real; aarch64 is
 # cross-built, compared with the x86 binary under qemu, and packaged. armv7 costs another release
 # build (about 12 minutes on 2 cores without a cache): it runs when this script has taken less
 # than EDGESIGHT_ARMV7_BEFORE_MIN minutes (default 30) so far, and is otherwise skipped with a

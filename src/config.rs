@@ -73,8 +73,12 @@ pub struct ModelSettings {
     pub path: PathBuf,
     /// Inference backend: `tract` (CPU, default) or `torch` (needs the `torch` build feature).
     pub backend: Backend,
-    /// torch only: `auto`, `cpu`, `cuda` or `cuda:N`. Default `auto`.
+    /// torch only: `auto`, `cpu`, `cuda` or `cuda:N`. Default `auto` (CUDA device 0 when
+    /// libtorch sees one, else the CPU).
     pub device: String,
+    /// torch only: `f32`, `bf16` (CPUs with AVX-512 BF16 or AMX, recent GPUs) or `f16` (CUDA).
+    /// Default `f32`; tract always runs f32.
+    pub precision: Precision,
     /// Inference threads; 0 means one per CPU core. Default 0.
     pub threads: usize,
     /// Write a seeded synthetic bundle to `path` when it does not exist. Default false; the
@@ -82,11 +86,18 @@ pub struct ModelSettings {
     pub synth_if_missing: bool,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Backend {
-    Tract,
-    Torch,
+pub use crate::model::{BackendKind as Backend, Precision};
+
+impl ModelSettings {
+    /// The options [`crate::model::open_backend`] takes.
+    pub fn backend_options(&self) -> crate::model::BackendOptions {
+        crate::model::BackendOptions {
+            kind: self.backend,
+            device: self.device.clone(),
+            precision: self.precision,
+            threads: self.threads,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -325,6 +336,7 @@ impl Default for ModelSettings {
             path: PathBuf::from("models/default"),
             backend: Backend::Tract,
             device: "auto".into(),
+            precision: Precision::F32,
             threads: 0,
             synth_if_missing: false,
         }
@@ -617,6 +629,19 @@ impl Settings {
                 "model.backend",
                 "\"torch\" needs a build with the `torch` feature; this build has tract only"
                     .into(),
+            );
+        }
+        if self.model.backend == Backend::Tract && self.model.precision != Precision::F32 {
+            let precision = self.model.precision.as_str();
+            problem(
+                "model.precision",
+                format!("{precision:?} needs backend = \"torch\"; tract runs f32 only"),
+            );
+        }
+        if self.model.precision == Precision::F16 && self.model.device == "cpu" {
+            problem(
+                "model.precision",
+                "\"f16\" runs on CUDA devices only; use \"bf16\" or \"f32\" on a CPU".into(),
             );
         }
         if !is_device(&self.model.device) {

@@ -12,7 +12,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use edgesight::classify::{Classifier, TABLE_HEADER};
 use edgesight::config::{self, Settings};
-use edgesight::model::{self, Bundle, SynthOptions};
+use edgesight::model::{self, BackendKind, BackendOptions, Bundle, Precision, SynthOptions};
 use edgesight::service;
 use tracing_subscriber::EnvFilter;
 
@@ -49,6 +49,15 @@ enum Command {
         /// Inference threads; 0 means one per core.
         #[arg(long, default_value_t = 0)]
         threads: usize,
+        /// `tract` (CPU) or `torch` (builds with the `torch` feature).
+        #[arg(long, value_enum, default_value = "tract")]
+        backend: BackendKind,
+        /// torch: `auto`, `cpu`, `cuda` or `cuda:N`.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        /// torch: `f32`, `bf16` or `f16` (CUDA).
+        #[arg(long, value_enum, default_value = "f32")]
+        precision: Precision,
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
@@ -101,9 +110,10 @@ fn main() -> ExitCode {
 fn execute(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run { config } => run(config.as_deref()),
-        Command::Classify { model, json, fps, threads, files } => {
+        Command::Classify { model, json, fps, threads, backend, device, precision, files } => {
             init_logging("warn");
-            classify(&model, json, fps, threads, &files)
+            let options = BackendOptions { kind: backend, device, precision, threads };
+            classify(&model, json, fps, &options, &files)
         }
         Command::Model(command) => {
             init_logging("info");
@@ -169,7 +179,7 @@ fn classify(
     model_dir: &Path,
     json: bool,
     fps: f64,
-    threads: usize,
+    options: &BackendOptions,
     files: &[PathBuf],
 ) -> anyhow::Result<ExitCode> {
     if !fps.is_finite() || fps <= 0.0 {
@@ -186,7 +196,7 @@ fn classify(
             )
         }
     })?;
-    let backend = model::open_backend(&bundle, threads)?;
+    let backend = model::open_backend(&bundle, options)?;
     let mut classifier = Classifier::new(backend, &bundle, fps);
     if !json {
         println!("{TABLE_HEADER}");

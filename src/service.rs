@@ -237,12 +237,12 @@ struct Started {
 async fn start(settings: &Settings, metrics: &Arc<Metrics>) -> Result<Started, ServiceError> {
     let path = settings.model.path.clone();
     let synth = settings.model.synth_if_missing;
-    let threads = settings.model.threads;
+    let options = settings.model.backend_options();
     let max_batch = settings.engine.max_batch;
     let loaded = tokio::task::spawn_blocking(move || {
         let bundle = prepare_bundle(&path, synth)?;
         let model_error = |error| ServiceError::Model { path: bundle.dir.clone(), error };
-        let mut backend = model::open_backend(&bundle, threads).map_err(model_error)?;
+        let mut backend = model::open_backend(&bundle, &options).map_err(model_error)?;
         let warming = std::time::Instant::now();
         let sizes =
             model::warm_up(backend.as_mut(), bundle.input_size, max_batch).map_err(model_error)?;
@@ -254,7 +254,11 @@ async fn start(settings: &Settings, metrics: &Arc<Metrics>) -> Result<Started, S
     .await
     .map_err(|error| ServiceError::Thread(std::io::Error::other(error.to_string())))?;
     let (bundle, backend) = loaded?;
-    info!(model = %bundle.identity.name, version = %bundle.identity.version, "model loaded");
+    let info = backend.info();
+    info!(model = %bundle.identity.name, version = %bundle.identity.version,
+        backend = info.backend, device = %info.device, precision = info.precision.as_str(),
+        "model loaded");
+    metrics.engine.set_backend(&info);
     let broker = broker::resolve_broker(&settings.mqtt).await?;
     let publisher = Publisher::start(settings, Arc::clone(metrics)).await?;
     Ok(Started { bundle, backend, broker, publisher })

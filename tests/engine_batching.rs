@@ -15,7 +15,7 @@ use common::bundle::{TEST_INPUT, corpus, test_bundle};
 use common::mosquitto::{Mosquitto, free_port};
 use common::watch::{scrape, validator};
 use common::{relative_error, test_input};
-use edgesight::model::{self, Bundle};
+use edgesight::model::{self, BackendOptions, Bundle};
 use rumqttc::Client;
 use serde_json::Value;
 
@@ -283,7 +283,7 @@ fn on_change_publishes_a_classification_only_when_the_smoothed_label_changes() {
 #[test]
 fn odd_batch_sizes_give_the_same_answers_as_single_frames() {
     let bundle = Bundle::open(&test_bundle()).expect("bundle");
-    let mut backend = model::open_backend(&bundle, 1).expect("backend");
+    let mut backend = model::open_backend(&bundle, &BackendOptions::tract(1)).expect("backend");
     let size = 3 * (TEST_INPUT as usize).pow(2);
     let input = test_input(TEST_INPUT, 3);
     let singles: Vec<Vec<f32>> = input

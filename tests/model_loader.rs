@@ -17,7 +17,7 @@ use std::sync::OnceLock;
 
 use common::{link_copy, relative_error, scratch, synth_bundle, test_input};
 use edgesight::model::synth::{Naming, Tail, VariantOptions, write_resnet50_variant};
-use edgesight::model::{Bundle, TractBackbone, inspect, open_backend, verify};
+use edgesight::model::{BackendOptions, Bundle, TractBackbone, inspect, open_backend, verify};
 
 const SEED: u64 = 11;
 const SIZE: u32 = 64;
@@ -225,7 +225,8 @@ fn a_wrong_k_in_the_manifest_is_a_shape_mismatch_naming_the_file() {
 fn backend_gives_scores_and_the_embedding_of_the_pooled_features() {
     let dir = synth_bundle(0, SIZE);
     let bundle = Bundle::open(&dir).unwrap_or_else(|e| panic!("{e}"));
-    let mut backend = open_backend(&bundle, 1).unwrap_or_else(|e| panic!("{e}"));
+    let mut backend =
+        open_backend(&bundle, &BackendOptions::tract(1)).unwrap_or_else(|e| panic!("{e}"));
     let input = test_input(SIZE, 2);
     let (predictions, times) = backend.infer(&input, 2).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(predictions.len(), 2);
@@ -313,7 +314,8 @@ fn measure_backbone_latency() {
         let started = std::time::Instant::now();
         let bundle = Bundle::open(&dir).unwrap_or_else(|e| panic!("{e}"));
         let opened = started.elapsed();
-        let mut backend = open_backend(&bundle, threads).unwrap_or_else(|e| panic!("{e}"));
+        let mut backend = open_backend(&bundle, &BackendOptions::tract(threads))
+            .unwrap_or_else(|e| panic!("{e}"));
         let loaded = started.elapsed();
         backend.infer(&input, 1).unwrap_or_else(|e| panic!("{e}"));
         let (mut backbone_total, mut head_total) = (0.0, 0.0);

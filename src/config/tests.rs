@@ -192,3 +192,38 @@ fn an_unknown_smoothing_method_is_named() {
     assert!(error.problems[0].key.starts_with("streams"), "{error}");
     assert!(error.to_string().contains("median"), "{error}");
 }
+
+#[test]
+fn backend_device_and_precision_are_checked_together() {
+    let with_model = |model: &str| {
+        GOOD.replace("device_id = \"box-1\"", &format!("device_id = \"box-1\"\n[model]\n{model}"))
+    };
+    let keys = |model: &str| -> Vec<String> {
+        match Settings::from_toml_str(&with_model(model), "model.toml") {
+            Ok(_) => Vec::new(),
+            Err(error) => error.problems.iter().map(|p| p.key.clone()).collect(),
+        }
+    };
+    assert!(
+        keys("precision = \"bf16\"").contains(&"model.precision".to_string()),
+        "tract is f32 only"
+    );
+    assert!(keys("backend = \"torch\"\ndevice = \"cuda:x\"").contains(&"model.device".to_string()));
+    assert!(keys("precision = \"f64\"").contains(&"model.precision".to_string()));
+    let torch_bf16 = keys("backend = \"torch\"\nprecision = \"bf16\"\ndevice = \"cpu\"");
+    let torch_f16_cpu = keys("backend = \"torch\"\nprecision = \"f16\"\ndevice = \"cpu\"");
+    assert!(torch_f16_cpu.contains(&"model.precision".to_string()), "{torch_f16_cpu:?}");
+    if cfg!(feature = "torch") {
+        assert!(torch_bf16.is_empty(), "{torch_bf16:?}");
+        let settings = Settings::from_toml_str(
+            &with_model("backend = \"torch\"\nprecision = \"f16\"\ndevice = \"cuda:1\""),
+            "m.toml",
+        )
+        .unwrap();
+        let options = settings.model.backend_options();
+        assert_eq!((options.device.as_str(), options.precision), ("cuda:1", Precision::F16));
+    } else {
+        // Without the feature, asking for torch is a config error naming the key.
+        assert_eq!(torch_bf16, ["model.backend"]);
+    }
+}

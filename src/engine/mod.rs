@@ -301,6 +301,11 @@ impl FrameModel {
         }
     }
 
+    /// The library, device and precision of the backend.
+    pub fn backend_info(&self) -> crate::model::BackendInfo {
+        self.backend.info()
+    }
+
     /// Preprocesses `frame` and runs it through the backend (batch of one).
     pub fn run(&mut self, frame: &Frame) -> Result<FrameResult, String> {
         self.run_batch(&[frame]).pop().unwrap_or_else(|| Err("no result".into()))

@@ -71,6 +71,18 @@ pub struct EngineMetrics {
     pub batched_frames: AtomicU64,
     /// Bumped after every batch; the watchdog checks that it moves.
     pub progress: AtomicU64,
+    /// The backend running the model (set at load and after a reload).
+    backend: Mutex<Option<crate::model::BackendInfo>>,
+}
+
+impl EngineMetrics {
+    pub fn set_backend(&self, info: &crate::model::BackendInfo) {
+        *self.backend.lock().unwrap_or_else(|e| e.into_inner()) = Some(info.clone());
+    }
+
+    pub fn backend(&self) -> Option<crate::model::BackendInfo> {
+        self.backend.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 /// Counters of the publisher.

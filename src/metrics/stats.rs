@@ -93,6 +93,9 @@ impl StatsBuilder {
             uptime_s: round3(metrics.uptime_s()),
             streams,
             engine: EngineStats {
+                backend: engine.backend().map(|b| b.backend.to_string()),
+                device: engine.backend().map(|b| b.device),
+                precision: engine.backend().map(|b| b.precision.as_str().to_string()),
                 queue_depth: engine.queue_depth.load(Ordering::Relaxed),
                 batches,
                 batched_frames,

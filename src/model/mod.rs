@@ -30,6 +30,8 @@ pub mod onnx;
 pub mod resnet;
 #[cfg(feature = "tract")]
 pub mod synth;
+#[cfg(feature = "torch")]
+pub mod torch_backend;
 #[cfg(feature = "tract")]
 pub mod tract_backend;
 
@@ -68,6 +70,9 @@ pub enum ModelError {
     Bundle { path: PathBuf, reason: String },
     #[error("inference failed: {0}")]
     Inference(String),
+    /// The device or precision asked for is not available here.
+    #[error("model.device/precision: {0}")]
+    Device(String),
 }
 
 impl ModelError {
@@ -101,6 +106,83 @@ pub struct Bundle {
     pub manifest: Manifest,
 }
 
+/// Which library runs the model.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// tract, pure Rust, CPU only; the default and the only backend on ARM.
+    Tract,
+    /// libtorch through tch (cargo feature `torch`): CUDA devices and x86 CPUs.
+    Torch,
+}
+
+/// Number format of the trunk's weights and activations (torch backend; tract runs f32).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    F32,
+    /// bfloat16: fast on CPUs with AVX-512 BF16 or AMX, and on recent GPUs.
+    Bf16,
+    /// float16: CUDA devices only.
+    F16,
+}
+
+impl Precision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+            Precision::F16 => "f16",
+        }
+    }
+}
+
+/// How to open a backend: `model.backend`, `model.device`, `model.precision`, `model.threads`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendOptions {
+    pub kind: BackendKind,
+    /// `auto`, `cpu`, `cuda` or `cuda:N` (torch only; tract always runs on the CPU).
+    pub device: String,
+    pub precision: Precision,
+    /// Intra-op threads; 0 = one per core.
+    pub threads: usize,
+}
+
+impl BackendOptions {
+    /// tract, f32, on `threads` threads.
+    pub fn tract(threads: usize) -> BackendOptions {
+        BackendOptions {
+            kind: BackendKind::Tract,
+            device: "cpu".into(),
+            precision: Precision::F32,
+            threads,
+        }
+    }
+}
+
+/// What a loaded backend runs on, for logs and the `stats` topic.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BackendInfo {
+    /// `tract` or `torch`.
+    pub backend: &'static str,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    pub precision: Precision,
+}
+
 /// An inference backend: a batch of CHW f32 frames in, one [`Prediction`] per frame out.
 pub trait Backend: Send {
     /// `input` holds `n` frames of `3 * S * S` values each.
@@ -109,6 +191,9 @@ pub trait Backend: Send {
         input: &[f32],
         n: usize,
     ) -> Result<(Vec<Prediction>, StageTimes), ModelError>;
+
+    /// The library, device and precision this backend runs with.
+    fn info(&self) -> BackendInfo;
 }
 
 /// Runs one all-zero batch of every size from 2 to `max_batch` through `backend`, so that a
@@ -142,13 +227,35 @@ pub fn softmax(logits: &[f32]) -> Vec<f32> {
     exps.into_iter().map(|e| e / sum).collect()
 }
 
-/// Loads the bundle's models with tract. `threads` is the number of threads tract's matrix
-/// products use: 0 means all cores, 1 single-threaded. The thread pool is process-wide (tract
-/// keeps one default executor), so the last call decides.
-#[cfg(feature = "tract")]
-pub fn open_backend(bundle: &Bundle, threads: usize) -> Result<Box<dyn Backend>, ModelError> {
-    set_tract_threads(threads);
-    Ok(Box::new(TractBackend::open(bundle)?))
+/// Loads the bundle's models with the backend `options` name. tract's thread pool is
+/// process-wide (tract keeps one default executor) and so is libtorch's: the last call decides.
+/// Asking for `torch` in a build without the `torch` feature is an error (the config check
+/// catches it first).
+pub fn open_backend(
+    bundle: &Bundle,
+    options: &BackendOptions,
+) -> Result<Box<dyn Backend>, ModelError> {
+    match options.kind {
+        #[cfg(feature = "tract")]
+        BackendKind::Tract => {
+            set_tract_threads(options.threads);
+            Ok(Box::new(TractBackend::open(bundle)?))
+        }
+        #[cfg(feature = "torch")]
+        BackendKind::Torch => {
+            let torch = torch_backend::TorchOptions {
+                device: options.device.clone(),
+                precision: options.precision,
+                threads: options.threads,
+            };
+            Ok(Box::new(torch_backend::TorchBackend::open(bundle, &torch)?))
+        }
+        #[allow(unreachable_patterns)]
+        kind => Err(ModelError::bundle(
+            &bundle.dir,
+            format!("this build has no {kind:?} backend (cargo feature `{kind:?}`)").to_lowercase(),
+        )),
+    }
 }
 
 /// Sets the process-wide thread count of tract's matrix products (0 = all cores); returns the
@@ -164,13 +271,6 @@ pub fn set_tract_threads(threads: usize) -> usize {
         if threads > 1 { Executor::multithread(threads) } else { Executor::SingleThread };
     set_default_executor(executor);
     threads
-}
-
-/// Without the `tract` feature there is no backend yet (the torch backend is a later issue).
-#[cfg(not(feature = "tract"))]
-pub fn open_backend(bundle: &Bundle, threads: usize) -> Result<Box<dyn Backend>, ModelError> {
-    let _ = threads;
-    Err(ModelError::bundle(&bundle.dir, "this build has no inference backend (feature `tract`)"))
 }
 
 /// Opens the bundle in `dir` and runs one deterministic frame through it (single-threaded);
@@ -247,6 +347,10 @@ mod tests {
             self.sizes.push(n);
             self.inner.infer(input, n)
         }
+
+        fn info(&self) -> BackendInfo {
+            self.inner.info()
+        }
     }
 
     #[cfg(feature = "tract")]
@@ -257,7 +361,7 @@ mod tests {
         let options = SynthOptions { input_size: 64, ..SynthOptions::default() };
         synth::write_bundle(&out, &options).unwrap();
         let bundle = Bundle::open(&out).unwrap();
-        let inner = open_backend(&bundle, 1).unwrap();
+        let inner = open_backend(&bundle, &BackendOptions::tract(1)).unwrap();
         let mut backend = Recording { inner, sizes: Vec::new() };
         let frame = 3 * 64 * 64;
         let input: Vec<f32> = (0..3 * frame).map(|i| (i % 31) as f32 / 15.0 - 1.0).collect();

@@ -153,6 +153,27 @@ impl ResNet50 {
     }
 }
 
+/// Canonical names and weight shapes (`[out, in, kh, kw]`) of ResNet-50's 53 convolutions, in
+/// torchvision order (a block's downsample after its three convolutions). Loaders match a
+/// user's graph against this list.
+pub fn canonical_convolutions() -> Vec<(String, [usize; 4])> {
+    let mut convs = vec![("conv1".to_string(), [64, 3, 7, 7])];
+    let mut cin = 64;
+    for (stage, &(blocks, width)) in STAGES.iter().enumerate() {
+        for block in 0..blocks {
+            let name = |part: &str| format!("layer{}.{block}.{part}", stage + 1);
+            convs.push((name("conv1"), [width, cin, 1, 1]));
+            convs.push((name("conv2"), [width, width, 3, 3]));
+            convs.push((name("conv3"), [width * 4, width, 1, 1]));
+            if block == 0 {
+                convs.push((name("downsample.0"), [width * 4, cin, 1, 1]));
+            }
+            cin = width * 4;
+        }
+    }
+    convs
+}
+
 /// How tensors and nodes are named in the written file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Naming {

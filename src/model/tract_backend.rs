@@ -20,7 +20,7 @@ use super::head::{EMBEDDING_OUTPUT, runtime_graph};
 use super::onnx::{self, Dim};
 use super::pca::Pca;
 use super::resnet::FEATURE_CHANNELS;
-use super::{Backend, Bundle, ModelError, Prediction, StageTimes, softmax};
+use super::{Backend, BackendInfo, Bundle, ModelError, Precision, Prediction, StageTimes, softmax};
 
 type Plan = Arc<TypedRunnableModel>;
 
@@ -281,5 +281,9 @@ impl Backend for TractBackend {
             .collect();
         let times = StageTimes { backbone: backbone_done - started, head: backbone_done.elapsed() };
         Ok((predictions, times))
+    }
+
+    fn info(&self) -> BackendInfo {
+        BackendInfo { backend: "tract", device: "cpu".into(), precision: Precision::F32 }
     }
 }

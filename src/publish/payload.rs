@@ -155,6 +155,14 @@ pub struct Percentiles {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EngineStats {
+    /// `tract` or `torch`, the device it runs on (`cpu`, `cuda:N`) and the trunk's precision;
+    /// absent before the model is loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<String>,
     /// Frames waiting for inference when the figures were taken.
     pub queue_depth: u64,
     /// Totals since the start.

@@ -189,6 +189,9 @@ mod tests {
             uptime_s: 31.5,
             streams: [("door".to_string(), stream)].into(),
             engine: EngineStats {
+                backend: Some("torch".into()),
+                device: Some("cuda:0".into()),
+                precision: Some("bf16".into()),
                 queue_depth: 2,
                 batches: 7,
                 batched_frames: 19,

@@ -182,8 +182,8 @@ impl Running {
                 return Ok(None);
             }
             let model_error = |error| format!("model {}: {error}", bundle.dir.display());
-            let mut backend =
-                model::open_backend(&bundle, model_settings.threads).map_err(model_error)?;
+            let options = model_settings.backend_options();
+            let mut backend = model::open_backend(&bundle, &options).map_err(model_error)?;
             // Off the engine thread, so the swap does not stall the streams.
             model::warm_up(backend.as_mut(), bundle.input_size, max_batch).map_err(model_error)?;
             let checksum = bundle.identity.checksum.clone();
@@ -193,8 +193,12 @@ impl Running {
         .map_err(|error| format!("the model loading task failed: {error}"))??;
         let mut done = Reloaded::default();
         if let Some((model, bundle, checksum)) = swapped {
+            let backend = model.backend_info();
             info!(model = %bundle.identity.name, version = %bundle.identity.version, %checksum,
+                backend = backend.backend, device = %backend.device,
+                precision = backend.precision.as_str(),
                 "new model loaded; the engine swaps it in before its next batch");
+            self.metrics.engine.set_backend(&backend);
             slot.put(model, &bundle);
             self.checksum = checksum;
             done.model_swapped = true;

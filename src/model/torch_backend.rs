@@ -1,0 +1,865 @@
+//! The torch backend: the bundle's ResNet-50 trunk, PCA projection and head run natively on
+//! libtorch (through `tch`), on a CUDA device or the CPU, in f32, bf16 or f16.
+//!
+//! The trunk is not a fixed torchvision module filled by tensor names: it is the bundle's own
+//! `backbone.onnx`, cut where the tract backend cuts it, and executed node by node on tch
+//! operators. That way every layout a user may bring (torchvision exports with names or with
+//! `onnx::Conv_*` numbers, ONNX zoo v1 with the stride on the 1×1 convolution, v2 with
+//! pre-activation blocks, batch norm folded or not) runs exactly as written. Before anything
+//! runs, each convolution weight is matched to a convolution of the canonical ResNet-50
+//! ([`resnet::canonical_convolutions`]) by shape, in graph order, and a file whose
+//! convolutions do not match all 53 is refused with the first one that does not.
+//!
+//! Speed on CPUs comes from what oneDNN likes: batch norm folded into the convolution before
+//! it (a BN that follows something else stays an affine op), activations and weights in
+//! channels-last strides (tch 0.26 has no memory-format call; permute → contiguous → permute
+//! gives NHWC strides under the NCHW shape), ReLU in place, no autograd. The head runs in f32
+//! whatever the trunk's precision, so bf16/f16 only touch the 4 GFLOPs of the trunk; softmax
+//! runs in Rust on the logits, as on tract.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use safetensors::{Dtype, SafeTensors};
+use tch::{Device, Kind, Tensor};
+use tract_onnx::pb::{ModelProto, NodeProto};
+
+use super::backbone;
+use super::bundle::{BACKBONE, HEAD_WEIGHTS, PCA};
+use super::onnx::{self, node_int, node_ints};
+use super::pca::Pca;
+use super::resnet::{self, BN_EPSILON};
+use super::{Backend, BackendInfo, Bundle, FEATURE_CHANNELS, ModelError, Precision};
+use super::{Prediction, StageTimes, softmax};
+
+/// Where and how the torch backend runs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TorchOptions {
+    /// `auto`, `cpu`, `cuda` or `cuda:N` (checked by the config).
+    pub device: String,
+    pub precision: Precision,
+    /// Intra-op threads on the CPU; 0 = one per core.
+    pub threads: usize,
+}
+
+/// Resolves a device name: `auto` takes CUDA device 0 when libtorch sees one, else the CPU.
+/// Asking for CUDA where there is none is an error that says how many devices tch sees.
+pub fn resolve_device(name: &str) -> Result<Device, ModelError> {
+    let cuda = tch::Cuda::device_count();
+    let index = match name {
+        "auto" => return Ok(if cuda > 0 { Device::Cuda(0) } else { Device::Cpu }),
+        "cpu" => return Ok(Device::Cpu),
+        "cuda" => 0,
+        other => match other.strip_prefix("cuda:").and_then(|n| n.parse::<usize>().ok()) {
+            Some(index) => index,
+            None => {
+                let reason = format!("device {other:?} is not auto, cpu, cuda or cuda:N");
+                return Err(ModelError::Device(reason));
+            }
+        },
+    };
+    if index as i64 >= cuda {
+        return Err(ModelError::Device(format!(
+            "device {name:?} asked for, but libtorch sees {cuda} CUDA device(s) (this build's \
+             libtorch may be the CPU-only one from scripts/libtorch.sh; use device \"cpu\")"
+        )));
+    }
+    Ok(Device::Cuda(index))
+}
+
+/// `cpu` or `cuda:N`, the way payloads and logs name a device.
+pub fn device_name(device: Device) -> String {
+    match device {
+        Device::Cuda(index) => format!("cuda:{index}"),
+        _ => "cpu".to_string(),
+    }
+}
+
+fn kind_of(precision: Precision) -> Kind {
+    match precision {
+        Precision::F32 => Kind::Float,
+        Precision::Bf16 => Kind::BFloat16,
+        Precision::F16 => Kind::Half,
+    }
+}
+
+/// Gives NHWC strides to a 4-d tensor while keeping its NCHW shape (oneDNN and cuDNN run
+/// channels-last convolutions faster).
+fn channels_last(tensor: &Tensor) -> Tensor {
+    if tensor.dim() == 4 {
+        tensor.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
+    } else {
+        tensor.shallow_clone()
+    }
+}
+
+fn torch_error(error: tch::TchError) -> ModelError {
+    ModelError::Inference(format!("libtorch: {error}"))
+}
+
+/// One trunk operation on value slots.
+enum Op {
+    Conv {
+        input: usize,
+        output: usize,
+        weight: Tensor,
+        bias: Option<Tensor>,
+        stride: [i64; 2],
+        padding: [i64; 2],
+        /// Padding that is not the same on both sides, applied before the convolution.
+        extra_pad: Option<[i64; 4]>,
+        dilation: [i64; 2],
+        groups: i64,
+    },
+    /// Batch norm that could not be folded into a convolution: `x · scale + shift`.
+    Affine {
+        input: usize,
+        output: usize,
+        scale: Tensor,
+        shift: Tensor,
+    },
+    Relu {
+        input: usize,
+        output: usize,
+    },
+    MaxPool {
+        input: usize,
+        output: usize,
+        kernel: [i64; 2],
+        stride: [i64; 2],
+        pads: [i64; 4],
+    },
+    Add {
+        left: usize,
+        right: usize,
+        output: usize,
+    },
+    Identity {
+        input: usize,
+        output: usize,
+    },
+}
+
+/// The parameters of a convolution while the graph is read (before tensors are made).
+struct ConvParams {
+    name: String,
+    shape: Vec<usize>,
+    weight: Vec<f32>,
+    bias: Option<Vec<f32>>,
+}
+
+/// A ResNet-50 trunk read from ONNX and run on tch.
+pub struct TorchTrunk {
+    path: PathBuf,
+    ops: Vec<Op>,
+    input: usize,
+    output: usize,
+    /// Index of the last op that reads each slot, so values are dropped as soon as possible.
+    last_use: Vec<usize>,
+    device: Device,
+    kind: Kind,
+    /// The tensor the graph was cut at.
+    cut: String,
+}
+
+impl TorchTrunk {
+    /// Reads `path`, cuts it like the tract backend does, checks that its convolutions are
+    /// those of a ResNet-50 and puts the weights on `device` in `kind`. Errors name the file.
+    pub fn open(
+        path: &Path,
+        output: Option<&str>,
+        device: Device,
+        kind: Kind,
+    ) -> Result<TorchTrunk, ModelError> {
+        let proto = onnx::read_model(path)?;
+        let cut = backbone::cut(&proto, path, output)?;
+        let mut reader = GraphReader::new(&cut.model, path)?;
+        let input = reader.slot(&cut.input);
+        let nodes = &reader.graph_nodes(&cut.model);
+        let mut pending = Vec::new();
+        let consumers = consumer_counts(nodes);
+        let mut index = 0;
+        while index < nodes.len() {
+            let node = &nodes[index];
+            let folded_bn = nodes.get(index + 1).filter(|next| {
+                node.op_type == "Conv"
+                    && next.op_type == "BatchNormalization"
+                    && next.input.first() == node.output.first()
+                    && consumers.get(node.output[0].as_str()).copied() == Some(1)
+            });
+            pending.push(reader.node(node, folded_bn)?);
+            index += if folded_bn.is_some() { 2 } else { 1 };
+        }
+        check_resnet50(&pending, path)?;
+        let output = reader.existing(&cut.output, path)?;
+        let ops = pending
+            .into_iter()
+            .map(|op| op.into_op(device, kind))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut last_use = vec![0; reader.slots.len()];
+        for (at, op) in ops.iter().enumerate() {
+            for slot in op.inputs() {
+                last_use[slot] = at;
+            }
+        }
+        last_use[output] = usize::MAX;
+        Ok(TorchTrunk {
+            path: path.to_path_buf(),
+            ops,
+            input,
+            output,
+            last_use,
+            device,
+            kind,
+            cut: cut.output,
+        })
+    }
+
+    /// The tensor the graph was cut at.
+    pub fn cut_name(&self) -> &str {
+        &self.cut
+    }
+
+    /// Runs a `[N,3,S,S]` batch (any kind, any device); returns the `[N,2048,h,w]` feature map
+    /// in the trunk's kind, on its device.
+    pub fn forward(&self, input: &Tensor) -> Result<Tensor, ModelError> {
+        let _no_grad = tch::no_grad_guard();
+        let mut values: Vec<Option<Tensor>> = Vec::new();
+        values.resize_with(self.last_use.len(), || None);
+        let x = input.f_to_device(self.device).map_err(torch_error)?;
+        let x = x.f_to_kind(self.kind).map_err(torch_error)?;
+        values[self.input] = Some(channels_last(&x));
+        for (at, op) in self.ops.iter().enumerate() {
+            let get = |values: &[Option<Tensor>], slot: usize| -> Result<Tensor, ModelError> {
+                values[slot].as_ref().map(Tensor::shallow_clone).ok_or_else(|| {
+                    ModelError::Inference(format!(
+                        "{}: a value is read before it is written",
+                        self.path.display()
+                    ))
+                })
+            };
+            let (output, value) = match op {
+                Op::Conv {
+                    input,
+                    output,
+                    weight,
+                    bias,
+                    stride,
+                    padding,
+                    extra_pad,
+                    dilation,
+                    groups,
+                } => {
+                    let mut x = get(&values, *input)?;
+                    if let Some(pads) = extra_pad {
+                        x = x.f_constant_pad_nd(pads.as_slice()).map_err(torch_error)?;
+                    }
+                    let y = x
+                        .f_conv2d(weight, bias.as_ref(), stride, padding, dilation, *groups)
+                        .map_err(torch_error)?;
+                    (*output, y)
+                }
+                Op::Affine { input, output, scale, shift } => {
+                    let x = get(&values, *input)?;
+                    (*output, x.f_mul(scale).and_then(|y| y.f_add(shift)).map_err(torch_error)?)
+                }
+                Op::Relu { input, output } => {
+                    let mut x = get(&values, *input)?;
+                    // In place when nothing else reads the input afterwards.
+                    let y = if self.last_use[*input] == at && *input != self.input {
+                        x.f_relu_().map_err(torch_error)?
+                    } else {
+                        x.f_relu().map_err(torch_error)?
+                    };
+                    (*output, y)
+                }
+                Op::MaxPool { input, output, kernel, stride, pads } => {
+                    let mut x = get(&values, *input)?;
+                    let [top, left, bottom, right] = *pads;
+                    let padding = if top == bottom && left == right {
+                        [top, left]
+                    } else {
+                        let pad = [left, right, top, bottom];
+                        x = x.f_constant_pad_nd(pad.as_slice()).map_err(torch_error)?;
+                        [0, 0]
+                    };
+                    let y = x
+                        .f_max_pool2d(kernel, stride, padding, [1, 1], false)
+                        .map_err(torch_error)?;
+                    (*output, y)
+                }
+                Op::Add { left, right, output } => {
+                    let a = get(&values, *left)?;
+                    let b = get(&values, *right)?;
+                    (*output, a.f_add(&b).map_err(torch_error)?)
+                }
+                Op::Identity { input, output } => (*output, get(&values, *input)?),
+            };
+            values[output] = Some(value);
+            for slot in op.inputs() {
+                if self.last_use[slot] == at {
+                    values[slot] = None;
+                }
+            }
+        }
+        values[self.output].take().ok_or_else(|| {
+            ModelError::Inference(format!(
+                "{}: the cut `{}` was never computed",
+                self.path.display(),
+                self.cut
+            ))
+        })
+    }
+}
+
+impl Op {
+    fn inputs(&self) -> Vec<usize> {
+        match self {
+            Op::Conv { input, .. }
+            | Op::Affine { input, .. }
+            | Op::Relu { input, .. }
+            | Op::MaxPool { input, .. }
+            | Op::Identity { input, .. } => vec![*input],
+            Op::Add { left, right, .. } => vec![*left, *right],
+        }
+    }
+}
+
+/// An op as read from the graph, weights still in `Vec`s.
+enum PendingOp {
+    Conv {
+        input: usize,
+        output: usize,
+        params: ConvParams,
+        stride: [i64; 2],
+        pads: [i64; 4],
+        dilation: [i64; 2],
+        groups: i64,
+    },
+    Affine {
+        input: usize,
+        output: usize,
+        scale: Vec<f32>,
+        shift: Vec<f32>,
+    },
+    Ready(Op),
+}
+
+impl PendingOp {
+    fn into_op(self, device: Device, kind: Kind) -> Result<Op, ModelError> {
+        let tensor = |values: &[f32], shape: &[i64]| -> Result<Tensor, ModelError> {
+            Tensor::f_from_slice(values)
+                .and_then(|t| t.f_reshape(shape))
+                .and_then(|t| t.f_to_device(device))
+                .and_then(|t| t.f_to_kind(kind))
+                .map_err(torch_error)
+        };
+        Ok(match self {
+            PendingOp::Conv { input, output, params, stride, pads, dilation, groups } => {
+                let shape: Vec<i64> = params.shape.iter().map(|&d| d as i64).collect();
+                let weight = channels_last(&tensor(&params.weight, &shape)?);
+                let bias = params.bias.as_deref().map(|b| tensor(b, &[shape[0]])).transpose()?;
+                let [top, left, bottom, right] = pads;
+                let (padding, extra_pad) = if top == bottom && left == right {
+                    ([top, left], None)
+                } else {
+                    ([0, 0], Some([left, right, top, bottom]))
+                };
+                Op::Conv {
+                    input,
+                    output,
+                    weight,
+                    bias,
+                    stride,
+                    padding,
+                    extra_pad,
+                    dilation,
+                    groups,
+                }
+            }
+            PendingOp::Affine { input, output, scale, shift } => {
+                let shape = [1, scale.len() as i64, 1, 1];
+                Op::Affine {
+                    input,
+                    output,
+                    scale: tensor(&scale, &shape)?,
+                    shift: tensor(&shift, &shape)?,
+                }
+            }
+            PendingOp::Ready(op) => op,
+        })
+    }
+}
+
+/// How many nodes read each tensor.
+fn consumer_counts(nodes: &[NodeProto]) -> HashMap<&str, usize> {
+    let mut counts = HashMap::new();
+    for node in nodes {
+        for input in node.input.iter().filter(|i| !i.is_empty()) {
+            *counts.entry(input.as_str()).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+/// Tensor names → slots, and the graph's initializers.
+struct GraphReader<'a> {
+    path: &'a Path,
+    slots: HashMap<String, usize>,
+    initializers: HashMap<String, (Vec<usize>, Vec<f32>)>,
+}
+
+impl<'a> GraphReader<'a> {
+    fn new(model: &ModelProto, path: &'a Path) -> Result<GraphReader<'a>, ModelError> {
+        let graph = onnx::graph_of(model, path)?;
+        let mut initializers = HashMap::new();
+        for tensor in &graph.initializer {
+            if let Some(values) = onnx::tensor_f32(tensor) {
+                let dims = tensor.dims.iter().map(|&d| d.max(0) as usize).collect();
+                initializers.insert(tensor.name.clone(), (dims, values));
+            }
+        }
+        Ok(GraphReader { path, slots: HashMap::new(), initializers })
+    }
+
+    fn graph_nodes(&self, model: &ModelProto) -> Vec<NodeProto> {
+        model.graph.as_ref().map(|g| g.node.clone()).unwrap_or_default()
+    }
+
+    fn slot(&mut self, name: &str) -> usize {
+        let next = self.slots.len();
+        *self.slots.entry(name.to_string()).or_insert(next)
+    }
+
+    fn existing(&self, name: &str, path: &Path) -> Result<usize, ModelError> {
+        self.slots
+            .get(name)
+            .copied()
+            .ok_or_else(|| ModelError::bundle(path, format!("no node computes `{name}`")))
+    }
+
+    fn bundle_error(&self, node: &NodeProto, reason: impl std::fmt::Display) -> ModelError {
+        ModelError::bundle(self.path, format!("{} node `{}`: {reason}", node.op_type, node.name))
+    }
+
+    fn input(&self, node: &NodeProto, index: usize) -> Result<usize, ModelError> {
+        let name = node.input.get(index).filter(|n| !n.is_empty());
+        let name =
+            name.ok_or_else(|| self.bundle_error(node, format!("input {index} is missing")))?;
+        self.slots.get(name).copied().ok_or_else(|| {
+            self.bundle_error(node, format!("reads `{name}`, which no earlier node computes"))
+        })
+    }
+
+    fn weight(&self, node: &NodeProto, index: usize) -> Result<(Vec<usize>, Vec<f32>), ModelError> {
+        let name = node.input.get(index).filter(|n| !n.is_empty());
+        let name =
+            name.ok_or_else(|| self.bundle_error(node, format!("input {index} is missing")))?;
+        self.initializers.get(name).cloned().ok_or_else(|| {
+            self.bundle_error(node, format!("`{name}` is not a constant f32 tensor"))
+        })
+    }
+
+    fn output(&mut self, node: &NodeProto) -> Result<usize, ModelError> {
+        match node.output.first() {
+            Some(name) => Ok(self.slot(name)),
+            None => Err(self.bundle_error(node, "has no output")),
+        }
+    }
+
+    /// Reads one node; `bn`, when given, is a batch norm to fold into this convolution.
+    fn node(&mut self, node: &NodeProto, bn: Option<&NodeProto>) -> Result<PendingOp, ModelError> {
+        let pair = |values: Option<Vec<i64>>, default: i64| -> [i64; 2] {
+            match values.as_deref() {
+                Some([a, b]) => [*a, *b],
+                _ => [default, default],
+            }
+        };
+        match node.op_type.as_str() {
+            "Conv" => {
+                let input = self.input(node, 0)?;
+                let (shape, weight) = self.weight(node, 1)?;
+                if shape.len() != 4 {
+                    return Err(
+                        self.bundle_error(node, format!("weight shape {shape:?} is not 2-d"))
+                    );
+                }
+                let bias = if node.input.get(2).is_some_and(|b| !b.is_empty()) {
+                    Some(self.weight(node, 2)?.1)
+                } else {
+                    None
+                };
+                check_auto_pad(self, node)?;
+                let pads = match node_ints(node, "pads").as_deref() {
+                    Some([t, l, b, r]) => [*t, *l, *b, *r],
+                    _ => [0; 4],
+                };
+                let name = node.input[1].clone();
+                let mut params = ConvParams { name, shape, weight, bias };
+                if let Some(bn) = bn {
+                    let (scale, shift) = self.batch_norm(bn)?;
+                    fold(&mut params, &scale, &shift);
+                }
+                let output = self.output(bn.unwrap_or(node))?;
+                Ok(PendingOp::Conv {
+                    input,
+                    output,
+                    params,
+                    stride: pair(node_ints(node, "strides"), 1),
+                    pads,
+                    dilation: pair(node_ints(node, "dilations"), 1),
+                    groups: node_int(node, "group").unwrap_or(1),
+                })
+            }
+            "BatchNormalization" => {
+                let input = self.input(node, 0)?;
+                let (scale, shift) = self.batch_norm(node)?;
+                let output = self.output(node)?;
+                Ok(PendingOp::Affine { input, output, scale, shift })
+            }
+            "Relu" => {
+                let input = self.input(node, 0)?;
+                Ok(PendingOp::Ready(Op::Relu { input, output: self.output(node)? }))
+            }
+            "MaxPool" => {
+                let input = self.input(node, 0)?;
+                check_auto_pad(self, node)?;
+                if node_int(node, "ceil_mode").unwrap_or(0) != 0 {
+                    return Err(self.bundle_error(node, "ceil_mode = 1 is not supported"));
+                }
+                let kernel = pair(node_ints(node, "kernel_shape"), 1);
+                let pads = match node_ints(node, "pads").as_deref() {
+                    Some([t, l, b, r]) => [*t, *l, *b, *r],
+                    _ => [0; 4],
+                };
+                let stride = pair(node_ints(node, "strides"), 1);
+                let output = self.output(node)?;
+                Ok(PendingOp::Ready(Op::MaxPool { input, output, kernel, stride, pads }))
+            }
+            "Add" | "Sum" if node.input.len() == 2 => {
+                let (left, right) = (self.input(node, 0)?, self.input(node, 1)?);
+                Ok(PendingOp::Ready(Op::Add { left, right, output: self.output(node)? }))
+            }
+            "Identity" | "Dropout" => {
+                let input = self.input(node, 0)?;
+                Ok(PendingOp::Ready(Op::Identity { input, output: self.output(node)? }))
+            }
+            other => Err(self.bundle_error(
+                node,
+                format!(
+                    "operator `{other}` is not one of a ResNet-50 trunk's (Conv, \
+                     BatchNormalization, Relu, MaxPool, Add); the tract backend runs any graph \
+                     (model.backend = \"tract\")"
+                ),
+            )),
+        }
+    }
+
+    /// A batch norm as per-channel `(scale, shift)`, computed in f64.
+    fn batch_norm(&self, node: &NodeProto) -> Result<(Vec<f32>, Vec<f32>), ModelError> {
+        let epsilon = node
+            .attribute
+            .iter()
+            .find(|a| a.name == "epsilon")
+            .map_or(f64::from(BN_EPSILON), |a| f64::from(a.f));
+        let [(_, gamma), (_, beta), (_, mean), (_, var)] =
+            [1, 2, 3, 4].map(|i| self.weight(node, i)).map(|r| r.unwrap_or_default());
+        let channels = gamma.len();
+        if [&beta, &mean, &var].iter().any(|v| v.len() != channels) || channels == 0 {
+            return Err(self.bundle_error(node, "scale, bias, mean and variance differ in length"));
+        }
+        let mut scale = Vec::with_capacity(channels);
+        let mut shift = Vec::with_capacity(channels);
+        for c in 0..channels {
+            let s = f64::from(gamma[c]) / (f64::from(var[c]) + epsilon).sqrt();
+            scale.push(s as f32);
+            shift.push((f64::from(beta[c]) - f64::from(mean[c]) * s) as f32);
+        }
+        Ok((scale, shift))
+    }
+}
+
+fn check_auto_pad(reader: &GraphReader, node: &NodeProto) -> Result<(), ModelError> {
+    let auto_pad = node.attribute.iter().find(|a| a.name == "auto_pad");
+    match auto_pad.map(|a| String::from_utf8_lossy(&a.s).to_string()).as_deref() {
+        None | Some("NOTSET") | Some("VALID") | Some("") => Ok(()),
+        Some(other) => {
+            Err(reader.bundle_error(node, format!("auto_pad = {other} is not supported")))
+        }
+    }
+}
+
+/// Folds `y = x · scale + shift` after a convolution into its weight and bias.
+fn fold(params: &mut ConvParams, scale: &[f32], shift: &[f32]) {
+    let per_output = params.weight.len() / params.shape[0].max(1);
+    for (o, chunk) in params.weight.chunks_mut(per_output).enumerate() {
+        chunk.iter_mut().for_each(|w| *w = (f64::from(*w) * f64::from(scale[o])) as f32);
+    }
+    let bias = params.bias.take().unwrap_or_else(|| vec![0.0; params.shape[0]]);
+    params.bias = Some(
+        bias.iter()
+            .enumerate()
+            .map(|(o, b)| (f64::from(*b) * f64::from(scale[o]) + f64::from(shift[o])) as f32)
+            .collect(),
+    );
+}
+
+/// Matches each convolution of the graph, in graph order, to the first unmatched convolution of
+/// the canonical ResNet-50 with the same weight shape; a convolution without a match, or a
+/// canonical one left over, means the file is not a ResNet-50.
+fn check_resnet50(ops: &[PendingOp], path: &Path) -> Result<(), ModelError> {
+    let canonical = resnet::canonical_convolutions();
+    let mut matched = vec![false; canonical.len()];
+    for op in ops {
+        let PendingOp::Conv { params, .. } = op else { continue };
+        let found = canonical
+            .iter()
+            .enumerate()
+            .find(|(i, (_, shape))| !matched[*i] && shape.as_slice() == params.shape.as_slice());
+        match found {
+            Some((i, _)) => matched[i] = true,
+            None => {
+                return Err(ModelError::bundle(
+                    path,
+                    format!(
+                        "not a ResNet-50 trunk: convolution weight `{}` {:?} matches none of \
+                         ResNet-50's remaining convolutions",
+                        params.name, params.shape
+                    ),
+                ));
+            }
+        }
+    }
+    if let Some(missing) = matched.iter().position(|m| !m) {
+        let (name, shape) = &canonical[missing];
+        let found = matched.iter().filter(|m| **m).count();
+        return Err(ModelError::bundle(
+            path,
+            format!(
+                "not a ResNet-50 trunk: {found} of its {} convolutions found, none for `{name}` \
+                 {shape:?}",
+                canonical.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The PCA projection (a 1×1 convolution) and the head, in f32 on the trunk's device.
+struct TorchHead {
+    pca_weight: Tensor,
+    pca_bias: Tensor,
+    conv1: (Tensor, Tensor),
+    conv2: (Tensor, Tensor),
+    fc: (Tensor, Tensor),
+}
+
+impl TorchHead {
+    fn open(bundle: &Bundle, device: Device) -> Result<TorchHead, ModelError> {
+        let k = bundle.components;
+        let pca = Pca::read(&bundle.dir.join(PCA), FEATURE_CHANNELS, k)?;
+        let (weight, bias) = pca.fold();
+        let on_device = |values: &[f32], shape: &[i64]| {
+            Tensor::f_from_slice(values)
+                .and_then(|t| t.f_reshape(shape))
+                .and_then(|t| t.f_to_device(device))
+                .map_err(torch_error)
+        };
+        let pca_weight = on_device(&weight, &[k as i64, FEATURE_CHANNELS as i64, 1, 1])?;
+        let pca_bias = on_device(&bias, &[k as i64])?;
+
+        let path = bundle.dir.join(HEAD_WEIGHTS);
+        let bytes = std::fs::read(&path).map_err(|e| ModelError::bundle(&path, e))?;
+        let tensors = SafeTensors::deserialize(&bytes)
+            .map_err(|e| ModelError::bundle(&path, format!("not a safetensors file: {e}")))?;
+        let classes = bundle.labels.len();
+        let load = |name: &str, expected: &[Option<usize>]| -> Result<Tensor, ModelError> {
+            let view = tensors
+                .tensor(name)
+                .map_err(|_| ModelError::bundle(&path, format!("tensor `{name}` is missing")))?;
+            let shape = view.shape();
+            let fits = view.dtype() == Dtype::F32
+                && shape.len() == expected.len()
+                && shape.iter().zip(expected).all(|(s, e)| e.is_none_or(|e| e == *s));
+            if !fits {
+                let reason = format!(
+                    "tensor `{name}` is {:?} {shape:?}, expected F32 {expected:?} (None = any)",
+                    view.dtype()
+                );
+                return Err(ModelError::bundle(&path, reason));
+            }
+            let values: Vec<f32> = view
+                .data()
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+            on_device(&values, &dims)
+        };
+        let width = None;
+        let conv1 = (
+            load("conv1.weight", &[width, Some(k), Some(3), Some(3)])?,
+            load("conv1.bias", &[width])?,
+        );
+        let hidden = conv1.0.size()[0] as usize;
+        let conv2 = (
+            load("conv2.weight", &[width, Some(hidden), Some(3), Some(3)])?,
+            load("conv2.bias", &[width])?,
+        );
+        let last = conv2.0.size()[0] as usize;
+        let fc =
+            (load("fc.weight", &[Some(classes), Some(last)])?, load("fc.bias", &[Some(classes)])?);
+        Ok(TorchHead { pca_weight, pca_bias, conv1, conv2, fc })
+    }
+
+    /// `[N,2048,h,w]` features (any kind) → (logits `[N,C]`, embedding `[N,k]`), f32.
+    fn forward(&self, features: &Tensor) -> Result<(Tensor, Tensor), ModelError> {
+        let _no_grad = tch::no_grad_guard();
+        let run = || -> Result<(Tensor, Tensor), tch::TchError> {
+            let x = features.f_to_kind(Kind::Float)?;
+            let projected =
+                x.f_conv2d(&self.pca_weight, Some(&self.pca_bias), [1, 1], [0, 0], [1, 1], 1)?;
+            let embedding = projected.f_mean_dim([2i64, 3].as_slice(), false, Kind::Float)?;
+            let y = projected.f_conv2d(
+                &self.conv1.0,
+                Some(&self.conv1.1),
+                [1, 1],
+                [1, 1],
+                [1, 1],
+                1,
+            )?;
+            let y = y.f_relu()?;
+            let y = y.f_conv2d(&self.conv2.0, Some(&self.conv2.1), [1, 1], [1, 1], [1, 1], 1)?;
+            let y = y.f_relu()?;
+            let pooled = y.f_mean_dim([2i64, 3].as_slice(), false, Kind::Float)?;
+            let logits = pooled.f_linear(&self.fc.0, Some(&self.fc.1))?;
+            Ok((logits, embedding))
+        };
+        run().map_err(torch_error)
+    }
+}
+
+/// The complete torch pipeline: trunk → PCA → head → softmax.
+pub struct TorchBackend {
+    trunk: TorchTrunk,
+    head: TorchHead,
+    input_size: usize,
+    classes: usize,
+    k: usize,
+    info: BackendInfo,
+}
+
+impl TorchBackend {
+    /// Loads an opened bundle on the device and in the precision of `options`.
+    pub fn open(bundle: &Bundle, options: &TorchOptions) -> Result<TorchBackend, ModelError> {
+        let device = resolve_device(&options.device)?;
+        if options.precision == Precision::F16 && device == Device::Cpu {
+            return Err(ModelError::Device(
+                "precision f16 needs a CUDA device; on CPUs use bf16 or f32".to_string(),
+            ));
+        }
+        if device == Device::Cpu {
+            let threads = match options.threads {
+                0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+                n => n,
+            };
+            tch::set_num_threads(threads as i32);
+        }
+        let kind = kind_of(options.precision);
+        let output = bundle.manifest.backbone_output.as_deref();
+        let trunk = TorchTrunk::open(&bundle.dir.join(BACKBONE), output, device, kind)?;
+        let head = TorchHead::open(bundle, device)?;
+        let info = BackendInfo {
+            backend: "torch",
+            device: device_name(device),
+            precision: options.precision,
+        };
+        let backend = TorchBackend {
+            trunk,
+            head,
+            input_size: bundle.input_size as usize,
+            classes: bundle.labels.len(),
+            k: bundle.components,
+            info,
+        };
+        // One frame through, so shape errors surface at load, not on the first camera frame.
+        let s = backend.input_size as i64;
+        let probe = Tensor::f_zeros([1, 3, s, s], (Kind::Float, device)).map_err(torch_error)?;
+        let features = backend.trunk.forward(&probe)?;
+        match features.size().as_slice() {
+            [1, c, h, w] if *c == FEATURE_CHANNELS as i64 && h == w => {}
+            other => {
+                return Err(ModelError::bundle(
+                    &bundle.dir.join(BACKBONE),
+                    format!(
+                        "not a ResNet-50 trunk: the cut at `{}` has shape {other:?}, expected \
+                         [1,{FEATURE_CHANNELS},h,h]",
+                        backend.trunk.cut_name()
+                    ),
+                ));
+            }
+        }
+        Ok(backend)
+    }
+}
+
+impl Backend for TorchBackend {
+    fn infer(
+        &mut self,
+        input: &[f32],
+        n: usize,
+    ) -> Result<(Vec<Prediction>, StageTimes), ModelError> {
+        if n == 0 {
+            return Ok((Vec::new(), StageTimes::default()));
+        }
+        let s = self.input_size;
+        if input.len() != n * 3 * s * s {
+            return Err(ModelError::Inference(format!(
+                "input holds {} values, expected {n} frames × {}",
+                input.len(),
+                3 * s * s
+            )));
+        }
+        let started = Instant::now();
+        let batch = Tensor::f_from_slice(input)
+            .and_then(|t| t.f_reshape([n as i64, 3, s as i64, s as i64]))
+            .map_err(torch_error)?;
+        let features = self.trunk.forward(&batch)?;
+        if let Device::Cuda(index) = self.trunk.device {
+            tch::Cuda::synchronize(index as i64);
+        }
+        let backbone_done = Instant::now();
+        let (logits, embedding) = self.head.forward(&features)?;
+        let logits = tensor_values(&logits, n * self.classes)?;
+        let embedding = tensor_values(&embedding, n * self.k)?;
+        let head_done = Instant::now();
+        let predictions = logits
+            .chunks_exact(self.classes)
+            .zip(embedding.chunks_exact(self.k))
+            .map(|(l, e)| Prediction { scores: softmax(l), embedding: e.to_vec() })
+            .collect();
+        let times =
+            StageTimes { backbone: backbone_done - started, head: head_done - backbone_done };
+        Ok((predictions, times))
+    }
+
+    fn info(&self) -> BackendInfo {
+        self.info.clone()
+    }
+}
+
+/// Copies an f32 tensor of `count` values to a `Vec` (from any device).
+fn tensor_values(tensor: &Tensor, count: usize) -> Result<Vec<f32>, ModelError> {
+    let tensor = tensor.f_to_device(Device::Cpu).map_err(torch_error)?;
+    let tensor = tensor.f_contiguous().map_err(torch_error)?;
+    if tensor.numel() != count {
+        return Err(ModelError::Inference(format!(
+            "the head gave {} values, expected {count}",
+            tensor.numel()
+        )));
+    }
+    let mut values = vec![0.0f32; count];
+    tensor.f_copy_data(&mut values, count).map_err(torch_error)?;
+    Ok(values)
+}
