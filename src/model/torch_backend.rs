@@ -13,7 +13,8 @@
 //! Speed on CPUs comes from what oneDNN likes: batch norm folded into the convolution before
 //! it (a BN that follows something else stays an affine op), activations and weights in
 //! channels-last strides (tch 0.26 has no memory-format call; permute → contiguous → permute
-//! gives NHWC strides under the NCHW shape), ReLU in place, no autograd. The head runs in f32
+//! gives NHWC strides under the NCHW shape), oneDNN's convolution called directly in f32, ReLU
+//! in place, no autograd. What each step was worth is in benches/results.md. The head runs in f32
 //! whatever the trunk's precision, so bf16/f16 only touch the 4 GFLOPs of the trunk; softmax
 //! runs in Rust on the logits, as on tract.
 
@@ -159,6 +160,10 @@ pub struct TorchTrunk {
     last_use: Vec<usize>,
     device: Device,
     kind: Kind,
+    /// Call oneDNN's convolution directly (f32 on a CPU) instead of `conv2d`, whose dispatch
+    /// picks a slower path for some of ResNet-50's shapes (measured: 60.5 → 53.4 ms/img at
+    /// batch 8 on 2 threads, benches/results.md).
+    onednn: bool,
     /// The tensor the graph was cut at.
     cut: String,
 }
@@ -212,6 +217,7 @@ impl TorchTrunk {
             last_use,
             device,
             kind,
+            onednn: device == Device::Cpu && kind == Kind::Float && tch::utils::has_mkldnn(),
             cut: cut.output,
         })
     }
@@ -255,9 +261,19 @@ impl TorchTrunk {
                     if let Some(pads) = extra_pad {
                         x = x.f_constant_pad_nd(pads.as_slice()).map_err(torch_error)?;
                     }
-                    let y = x
-                        .f_conv2d(weight, bias.as_ref(), stride, padding, dilation, *groups)
-                        .map_err(torch_error)?;
+                    let y = if self.onednn {
+                        x.f_mkldnn_convolution(
+                            weight,
+                            bias.as_ref(),
+                            padding,
+                            stride,
+                            dilation,
+                            *groups,
+                        )
+                    } else {
+                        x.f_conv2d(weight, bias.as_ref(), stride, padding, dilation, *groups)
+                    };
+                    let y = y.map_err(torch_error)?;
                     (*output, y)
                 }
                 Op::Affine { input, output, scale, shift } => {
