@@ -6,22 +6,8 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
-use common::bundle::{corpus, test_bundle};
+use common::bundle::{corpus, media_files, test_bundle};
 use serde_json::Value;
-
-fn media_files() -> Vec<PathBuf> {
-    let dir = common::bundle::corpus_dir();
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|error| panic!("{}: {error}", dir.display()))
-        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
-        .filter(|path| {
-            let name = path.file_name().and_then(|name| name.to_str()).unwrap_or_default();
-            name.starts_with("img_") || name.starts_with("vid_")
-        })
-        .collect();
-    files.sort();
-    files
-}
 
 fn classify(args: &[&str], files: &[PathBuf]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_edgesight"))

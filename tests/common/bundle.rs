@@ -31,3 +31,18 @@ pub fn corpus(name: &str) -> PathBuf {
     assert!(path.exists(), "corpus file {} is missing", path.display());
     path
 }
+
+/// Every image and video of the corpus (`img_*`, `vid_*`), sorted by name.
+pub fn media_files() -> Vec<PathBuf> {
+    let dir = corpus_dir();
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|error| panic!("{}: {error}", dir.display()))
+        .filter_map(|entry| entry.ok().map(|entry| entry.path()))
+        .filter(|path| {
+            let name = path.file_name().and_then(|name| name.to_str()).unwrap_or_default();
+            name.starts_with("img_") || name.starts_with("vid_")
+        })
+        .collect();
+    files.sort();
+    files
+}
