@@ -8,6 +8,7 @@
 pub mod backoff;
 pub mod classify;
 pub mod config;
+pub mod dataset;
 pub mod engine;
 pub mod metrics;
 pub mod model;

@@ -67,6 +67,32 @@ enum Command {
     /// Configuration tools.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Dataset tools for the training mode.
+    #[command(subcommand)]
+    Dataset(DatasetCommand),
+}
+
+#[derive(Subcommand)]
+enum DatasetCommand {
+    /// Turn MNIST-family IDX files (gzip or not) into an ImageFolder: OUT/<class>/<n>.png.
+    ImportIdx {
+        /// The images file (e.g. train-images-idx3-ubyte.gz).
+        #[arg(long)]
+        images: PathBuf,
+        /// The labels file (e.g. train-labels-idx1-ubyte.gz).
+        #[arg(long)]
+        labels: PathBuf,
+        /// The folder to create (it must not exist, or be empty).
+        #[arg(long)]
+        out: PathBuf,
+        /// Comma-separated class names in label order (default: Fashion-MNIST's when the files
+        /// are recognised, else 0…9).
+        #[arg(long, value_delimiter = ',')]
+        names: Option<Vec<String>>,
+        /// Import only the first N images.
+        #[arg(long)]
+        limit: Option<usize>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -118,6 +144,16 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
         Command::Model(command) => {
             init_logging("info");
             model_command(command)
+        }
+        Command::Dataset(DatasetCommand::ImportIdx { images, labels, out, names, limit }) => {
+            let options = edgesight::dataset::ImportOptions { images, labels, out, names, limit };
+            let summary = edgesight::dataset::import_idx(&options)?;
+            let kind = if summary.fashion_mnist { " (Fashion-MNIST)" } else { "" };
+            println!("wrote {} images{kind} to {}", summary.images, options.out.display());
+            for (name, count) in &summary.per_class {
+                println!("  {name:<12} {count}");
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Config(ConfigCommand::Check { file }) => {
             let file = file.or_else(system_config);
