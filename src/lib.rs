@@ -16,3 +16,5 @@ pub mod preprocess;
 pub mod publish;
 pub mod service;
 pub mod source;
+#[cfg(feature = "torch")]
+pub mod train;
