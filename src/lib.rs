@@ -16,5 +16,4 @@ pub mod preprocess;
 pub mod publish;
 pub mod service;
 pub mod source;
-#[cfg(feature = "torch")]
 pub mod train;

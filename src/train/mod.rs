@@ -1,6 +1,9 @@
-//! The training mode (feature `torch`): from a folder of labelled images to a bundle the daemon
-//! runs unchanged. Built so far: the PCA fit on backbone feature maps (`pca_fit`). The rest of
-//! `edgesight train` (feature extraction and its cache, head training, the five visual
-//! conditions, the report) is the training issue's remaining work.
+//! The training mode: from a folder of labelled images to a bundle the daemon runs unchanged.
+//! Built so far: the five visual conditions (`conditions`, plain Rust, used for augmentation and
+//! as an evaluation axis) and the PCA fit on backbone feature maps (`pca_fit`, feature `torch`).
+//! The rest of `edgesight train` (feature extraction and its cache, head training, the report)
+//! is the training issue's remaining work.
 
+pub mod conditions;
+#[cfg(feature = "torch")]
 pub mod pca_fit;
