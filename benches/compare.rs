@@ -235,8 +235,8 @@ fn time_torch(
         model::Precision::F16 => tch::Kind::Half,
         model::Precision::F32 => tch::Kind::Float,
     };
-    let trunk =
-        TorchTrunk::open(backbone, None, tch::Device::Cpu, kind).map_err(|e| e.to_string())?;
+    let trunk = TorchTrunk::open(backbone, SIZE, None, tch::Device::Cpu, kind)
+        .map_err(|e| e.to_string())?;
     let s = SIZE as i64;
     let batch_tensor = tch::Tensor::from_slice(&input(batch)).reshape([batch as i64, 3, s, s]);
     Ok(median_ms(batch, || {

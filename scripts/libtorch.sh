@@ -2,8 +2,8 @@
 # Assembles a LIBTORCH directory for tch 0.26 (torch 2.13.0) from the PyPI wheels, caches it
 # outside the checkout, and prints the environment lines that point cargo at it:
 #
-#   eval "$(scripts/libtorch.sh)" && cargo build --features torch
-#   eval "$(scripts/libtorch.sh --cuda)"      # on a CUDA host: the full CUDA libraries
+#   env=$(scripts/libtorch.sh) && eval "$env" && cargo build --features torch
+#   env=$(scripts/libtorch.sh --cuda) && eval "$env"    # on a CUDA host: the CUDA libraries
 #
 # CPU-only (the default, ~490 MB): torch/lib and torch/include from the torch wheel, without
 # the CUDA libraries. Two details make that work on a machine without a GPU:
@@ -50,9 +50,10 @@ if [ ! -f "$dir/build-version" ]; then
       "$tools/bin/pip" download --quiet --only-binary=:all: --dest "$wheels" \
         --cache-dir "$cache/pip" "torch==$version"
     fi
-    rm -rf "$dir.partial"
-    mkdir -p "$dir.partial"
-    "$tools/bin/python" - "$wheels" "$dir.partial" "$version" "$flavour" <<'EOF'
+    # A directory of this run's own, so two runs at once do not remove each other's work.
+    partial=$(mktemp -d "$dir.partial.XXXXXX")
+    trap 'rm -rf "$partial"' EXIT
+    "$tools/bin/python" - "$wheels" "$partial" "$version" "$flavour" <<'EOF'
 import glob, os, shutil, sys, zipfile
 wheels, out, version, flavour = sys.argv[1:]
 cuda_only = {"libc10_cuda.so", "libcaffe2_nvrtc.so", "libtorch_cuda.so",
@@ -64,7 +65,9 @@ def copy(wheel, name, target):
     with wheel.open(name) as src, open(target, "wb") as dst:
         shutil.copyfileobj(src, dst)
 
-torch_wheels = glob.glob(f"{wheels}/torch-{version}-*.whl")
+# The wheel for this Python (pip fetched that one; others may be cached from other runs).
+tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
+torch_wheels = glob.glob(f"{wheels}/torch-{version}-{tag}-*.whl")
 if len(torch_wheels) != 1:
     sys.exit(f"expected one torch {version} wheel in {wheels}, found {torch_wheels}")
 with zipfile.ZipFile(torch_wheels[0]) as wheel:
@@ -76,8 +79,8 @@ with zipfile.ZipFile(torch_wheels[0]) as wheel:
         if keep:
             copy(wheel, name, os.path.join(out, name[len("torch/"):]))
 if flavour == "cpu":
-    wanted = {"nvidia_cuda_runtime-*.whl": "libcudart.so.13",
-              "nvidia_cuda_cupti-*.whl": "libcupti.so.13"}
+    wanted = {"nvidia_cuda_runtime-13.0.96-*.whl": "libcudart.so.13",
+              "nvidia_cuda_cupti-13.0.85-*.whl": "libcupti.so.13"}
     for pattern, lib in wanted.items():
         with zipfile.ZipFile(glob.glob(f"{wheels}/{pattern}")[0]) as wheel:
             name = next(n for n in wheel.namelist() if n.endswith("/" + lib))
@@ -91,12 +94,14 @@ else:
                     copy(wheel, name, os.path.join(out, "lib", os.path.basename(name)))
 EOF
     if [ "$flavour" = cpu ]; then
-      patchelf --remove-needed libtorch_cuda.so "$dir.partial/lib/libtorch.so"
+      patchelf --remove-needed libtorch_cuda.so "$partial/lib/libtorch.so"
     fi
     # torch-sys reads the version from this file, as in the official libtorch archives.
-    echo "$version" > "$dir.partial/build-version"
+    echo "$version" > "$partial/build-version"
+    chmod 755 "$partial"
     rm -rf "$dir"
-    mv "$dir.partial" "$dir"
+    mv "$partial" "$dir"
+    trap - EXIT
   } >&2
 fi
 echo "export LIBTORCH='$dir'"

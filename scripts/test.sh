@@ -55,7 +55,8 @@ echo "mosquitto on 127.0.0.1:$port"
 
 # 4. libtorch for the `torch` feature: a CPU-only LIBTORCH directory from the PyPI wheels,
 # cached under ~/.cache/edgesight (scripts/libtorch.sh says how it is made).
-eval "$(scripts/libtorch.sh)"
+libtorch_env=$(scripts/libtorch.sh)
+eval "$libtorch_env"
 
 # 5. Style and lints of both builds (default: tract only, as shipped; and with `torch`), then
 # every test (unit, integration, doc) and a compile of the benchmarks with `torch`, which runs

@@ -638,6 +638,15 @@ impl Settings {
                 format!("{precision:?} needs backend = \"torch\"; tract runs f32 only"),
             );
         }
+        if self.model.backend == Backend::Tract
+            && !matches!(self.model.device.as_str(), "auto" | "cpu")
+        {
+            let device = &self.model.device;
+            problem(
+                "model.device",
+                format!("{device:?} needs backend = \"torch\"; tract runs on the CPU"),
+            );
+        }
         if self.model.precision == Precision::F16 && self.model.device == "cpu" {
             problem(
                 "model.precision",
@@ -807,7 +816,7 @@ fn is_device(device: &str) -> bool {
         "auto" | "cpu" | "cuda" => true,
         other => other
             .strip_prefix("cuda:")
-            .is_some_and(|index| !index.is_empty() && index.bytes().all(|b| b.is_ascii_digit())),
+            .is_some_and(|index| index.parse::<usize>().is_ok() && !index.starts_with('+')),
     }
 }
 

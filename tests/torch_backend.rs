@@ -108,8 +108,9 @@ fn assert_trunk_matches_tract(variant: &VariantOptions, name: &str) {
         TractBackbone::open(&path, variant.input_size, None).unwrap_or_else(|e| panic!("{e}"));
     let input = test_input(variant.input_size, 2);
     let expected = tract.features(&input, 2).unwrap_or_else(|e| panic!("{e}"));
-    let trunk = TorchTrunk::open(&path, None, tch::Device::Cpu, tch::Kind::Float)
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    let trunk =
+        TorchTrunk::open(&path, variant.input_size, None, tch::Device::Cpu, tch::Kind::Float)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
     let s = variant.input_size as i64;
     let batch = tch::Tensor::from_slice(&input).reshape([2, 3, s, s]);
     let features = trunk.forward(&batch).unwrap_or_else(|e| panic!("{e}")).contiguous();
@@ -134,15 +135,15 @@ fn torchvision_zoo_v1_and_folded_layouts_give_tracts_feature_map() {
     let path = dir.join("fixed.onnx");
     write_resnet50_variant(&path, &fixed).unwrap_or_else(|e| panic!("{e}"));
     // A fixed batch in the file does not bind tch, which runs any batch.
-    let trunk = TorchTrunk::open(&path, None, tch::Device::Cpu, tch::Kind::Float);
+    let trunk = TorchTrunk::open(&path, SIZE, None, tch::Device::Cpu, tch::Kind::Float);
     let features =
         trunk.and_then(|t| t.forward(&tch::Tensor::zeros([3, 3, 64, 64], tch::kind::FLOAT_CPU)));
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(features.map(|f| f.size()).ok(), Some(vec![3, 2048, 2, 2]));
 }
 
-fn trunk_error(path: &Path) -> String {
-    match TorchTrunk::open(path, None, tch::Device::Cpu, tch::Kind::Float) {
+fn trunk_error(path: &Path, size: u32) -> String {
+    match TorchTrunk::open(path, size, None, tch::Device::Cpu, tch::Kind::Float) {
         Ok(_) => panic!("{} was accepted as a ResNet-50", path.display()),
         Err(error) => {
             let message = error.to_string();
@@ -154,14 +155,14 @@ fn trunk_error(path: &Path) -> String {
 
 #[test]
 fn files_that_are_not_resnet50_are_refused_naming_the_file() {
-    let squeezenet = trunk_error(&corpus("model_light_squeezenet.onnx"));
+    let squeezenet = trunk_error(&corpus("model_light_squeezenet.onnx"), 224);
     assert!(
         squeezenet.contains("not one of a ResNet-50 trunk's")
             || squeezenet.contains("not a ResNet-50"),
         "{squeezenet}"
     );
-    let mnist = trunk_error(&corpus("model_mnist_pytorch27_opset18.onnx"));
-    assert!(mnist.contains("ResNet-50"), "{mnist}");
+    let mnist = trunk_error(&corpus("model_mnist_pytorch27_opset18.onnx"), 224);
+    assert!(mnist.contains("expected [N,3,224,224]"), "{mnist}");
 
     // A bundle whose backbone lost a block: every convolution shape is a ResNet-50 one, but
     // one is missing.
@@ -177,8 +178,11 @@ fn files_that_are_not_resnet50_are_refused_naming_the_file() {
     graph.node.truncate(first);
     graph.output[0].name = last_input;
     std::fs::write(&path, edgesight::model::onnx::encode(&model)).unwrap_or_else(|e| panic!("{e}"));
-    let short = trunk_error(&path);
+    let short = trunk_error(&path, SIZE);
+    // A file declared for another input size than the bundle's is refused as tract refuses it.
+    let size = trunk_error(&path, 224);
     let _ = std::fs::remove_dir_all(&dir);
+    assert!(size.contains("expected [N,3,224,224]"), "{size}");
     assert!(
         short.contains("50 of its 53 convolutions") && short.contains("layer4.2.conv1"),
         "{short}"
@@ -338,4 +342,84 @@ fn the_daemon_runs_on_torch_and_says_so_in_the_log_and_in_stats() {
         (Some("torch"), Some("cpu"))
     );
     assert_eq!(engine["precision"].as_str(), Some("f32"));
+}
+
+/// Writes the torchvision variant after `change` edits its graph; returns the path.
+fn edited_variant(
+    dir: &Path,
+    name: &str,
+    change: impl FnOnce(&mut tract_onnx::pb::GraphProto),
+) -> PathBuf {
+    let path = dir.join(format!("{name}.onnx"));
+    write_resnet50_variant(&path, &VariantOptions::torchvision(5, SIZE))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut model = edgesight::model::onnx::read_model(&path).unwrap_or_else(|e| panic!("{e}"));
+    change(model.graph.as_mut().expect("graph"));
+    std::fs::write(&path, edgesight::model::onnx::encode(&model)).unwrap_or_else(|e| panic!("{e}"));
+    path
+}
+
+fn node(op: &str, name: &str, inputs: &[&str], outputs: &[&str]) -> tract_onnx::pb::NodeProto {
+    tract_onnx::pb::NodeProto {
+        op_type: op.into(),
+        name: name.into(),
+        input: inputs.iter().map(|s| s.to_string()).collect(),
+        output: outputs.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+/// tract and tch feature maps of `path` on the same input, and their relative error.
+fn tract_vs_tch(path: &Path) -> f32 {
+    let mut tract = TractBackbone::open(path, SIZE, None).unwrap_or_else(|e| panic!("{e}"));
+    let input = test_input(SIZE, 1);
+    let expected = tract.features(&input, 1).unwrap_or_else(|e| panic!("{e}"));
+    let trunk = TorchTrunk::open(path, SIZE, None, tch::Device::Cpu, tch::Kind::Float)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let s = SIZE as i64;
+    let batch = tch::Tensor::from_slice(&input).reshape([1, 3, s, s]);
+    let features = trunk.forward(&batch).unwrap_or_else(|e| panic!("{e}")).contiguous();
+    let count = features.numel();
+    let mut actual = vec![0.0f32; count];
+    features.copy_data(&mut actual, count);
+    relative_error(&actual, &expected)
+}
+
+#[test]
+fn identity_aliases_and_uneven_max_pool_padding_run_as_tract_runs_them() {
+    let dir = scratch("torch-trunk-edits");
+    // relu(b) + b through an Identity alias of b, before the first block's sum: an in-place
+    // ReLU on the alias would overwrite b.
+    let alias = edited_variant(&dir, "alias", |graph| {
+        let at = graph.node.iter().position(|n| n.op_type == "Add").expect("an Add");
+        let shortcut = graph.node[at].input[1].clone();
+        graph.node[at].input[1] = "edit.sum".into();
+        let inserted = [
+            node("Identity", "edit.identity", &[&shortcut], &["edit.alias"]),
+            node("Relu", "edit.relu", &["edit.alias"], &["edit.relu"]),
+            node("Add", "edit.add", &["edit.relu", &shortcut], &["edit.sum"]),
+        ];
+        for (offset, n) in inserted.into_iter().enumerate() {
+            graph.node.insert(at + offset, n);
+        }
+    });
+    // The stem without its ReLU and with padding only at the bottom and right: the max-pool
+    // sees negative values next to its padding, which must never win.
+    let pool = edited_variant(&dir, "pool", |graph| {
+        let relu = graph.node.iter().position(|n| n.op_type == "Relu").expect("a Relu");
+        let pool = graph.node.iter().position(|n| n.op_type == "MaxPool").expect("a MaxPool");
+        assert_eq!(pool, relu + 1, "the stem is Conv, BN, Relu, MaxPool");
+        graph.node[pool].input[0] = graph.node[relu].input[0].clone();
+        for attribute in &mut graph.node[pool].attribute {
+            if attribute.name == "pads" {
+                attribute.ints = vec![0, 0, 1, 1];
+            }
+        }
+        graph.node.remove(relu);
+    });
+    let (alias_error, pool_error) = (tract_vs_tch(&alias), tract_vs_tch(&pool));
+    eprintln!("relative errors: alias {alias_error:e}, pool {pool_error:e}");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(alias_error < 1e-5, "Identity alias: relative error {alias_error:e}");
+    assert!(pool_error < 1e-5, "uneven max-pool padding: relative error {pool_error:e}");
 }

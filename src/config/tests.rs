@@ -210,6 +210,9 @@ fn backend_device_and_precision_are_checked_together() {
     );
     assert!(keys("backend = \"torch\"\ndevice = \"cuda:x\"").contains(&"model.device".to_string()));
     assert!(keys("precision = \"f64\"").contains(&"model.precision".to_string()));
+    assert!(keys("device = \"cuda:1\"").contains(&"model.device".to_string()), "tract is CPU");
+    let overflow = "backend = \"torch\"\ndevice = \"cuda:99999999999999999999999\"";
+    assert!(keys(overflow).contains(&"model.device".to_string()));
     let torch_bf16 = keys("backend = \"torch\"\nprecision = \"bf16\"\ndevice = \"cpu\"");
     let torch_f16_cpu = keys("backend = \"torch\"\nprecision = \"f16\"\ndevice = \"cpu\"");
     assert!(torch_f16_cpu.contains(&"model.precision".to_string()), "{torch_f16_cpu:?}");

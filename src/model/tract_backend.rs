@@ -151,7 +151,9 @@ fn build_plan(
     Ok(plan)
 }
 
-fn check_input(cut: &CutGraph, path: &Path, input_size: u32) -> Result<(), ModelError> {
+/// Checks the declared `[N,3,S,S]` input of a cut backbone against the bundle's input size
+/// (both backends call it; a symbolic or undeclared dimension passes).
+pub(crate) fn check_input(cut: &CutGraph, path: &Path, input_size: u32) -> Result<(), ModelError> {
     let Some(dims) = &cut.input_dims else { return Ok(()) };
     let expected = [None, Some(3), Some(i64::from(input_size)), Some(i64::from(input_size))];
     let fits = dims.len() == 4

@@ -198,7 +198,8 @@ impl TorchBackend {
         }
         let kind = kind_of(options.precision);
         let output = bundle.manifest.backbone_output.as_deref();
-        let trunk = TorchTrunk::open(&bundle.dir.join(BACKBONE), output, device, kind)?;
+        let trunk =
+            TorchTrunk::open(&bundle.dir.join(BACKBONE), bundle.input_size, output, device, kind)?;
         let head = TorchHead::open(bundle, device)?;
         let info = BackendInfo {
             backend: "torch",

@@ -3,8 +3,8 @@
 //! The trunk is not a fixed torchvision module filled by tensor names: it is the bundle's own
 //! `backbone.onnx`, cut where the tract backend cuts it, and executed node by node. That way
 //! every layout a user may bring (torchvision exports with names or with `onnx::Conv_*` numbers,
-//! ONNX zoo v1 with the stride on the 1×1 convolution, v2 with pre-activation blocks, batch norm
-//! folded or not) runs exactly as written. Before anything runs, each convolution weight is
+//! ONNX zoo v1 with the stride on the 1×1 convolution, batch norm folded or not; pre-activation
+//! v2 graphs use the same operators but are untested) runs exactly as written. Before anything runs, each convolution weight is
 //! matched to a convolution of the canonical ResNet-50 ([`resnet::canonical_convolutions`]) by
 //! shape, in graph order, and a file whose convolutions do not match all 53 is refused with the
 //! first one that does not.
@@ -61,10 +61,6 @@ enum Op {
     Add {
         left: usize,
         right: usize,
-        output: usize,
-    },
-    Identity {
-        input: usize,
         output: usize,
     },
 }
@@ -126,16 +122,18 @@ pub struct TorchTrunk {
 }
 
 impl TorchTrunk {
-    /// Reads `path`, cuts it like the tract backend does, checks that its convolutions are
-    /// those of a ResNet-50 and puts the weights on `device` in `kind`. Errors name the file.
+    /// Reads `path`, cuts it like the tract backend does, checks its declared input against
+    /// `input_size` and that its convolutions are those of a ResNet-50 and puts the weights on `device` in `kind`. Errors name the file.
     pub fn open(
         path: &Path,
+        input_size: u32,
         output: Option<&str>,
         device: Device,
         kind: Kind,
     ) -> Result<TorchTrunk, ModelError> {
         let proto = onnx::read_model(path)?;
         let cut = backbone::cut(&proto, path, output)?;
+        crate::model::tract_backend::check_input(&cut, path, input_size)?;
         let mut reader = GraphReader::new(&cut.model, path)?;
         let input = reader.slot(&cut.input);
         let nodes = &reader.graph_nodes(&cut.model);
@@ -150,7 +148,7 @@ impl TorchTrunk {
                     && next.input.first() == node.output.first()
                     && consumers.get(node.output[0].as_str()).copied() == Some(1)
             });
-            pending.push(reader.node(node, folded_bn)?);
+            pending.extend(reader.node(node, folded_bn)?);
             index += if folded_bn.is_some() { 2 } else { 1 };
         }
         check_resnet50(&pending, path)?;
@@ -227,26 +225,30 @@ impl TorchTrunk {
                     (*output, y)
                 }
                 Op::MaxPool { input, output, kernel, stride, pads } => {
-                    let mut x = get(&values, *input)?;
+                    let x = get(&values, *input)?;
                     let [top, left, bottom, right] = *pads;
-                    let padding = if top == bottom && left == right {
-                        [top, left]
+                    let y = if top == bottom && left == right {
+                        x.f_max_pool2d(kernel, stride, [top, left], [1, 1], false)
                     } else {
-                        let pad = [left, right, top, bottom];
-                        x = x.f_constant_pad_nd(pad.as_slice()).map_err(torch_error)?;
-                        [0, 0]
+                        // Uneven padding must never win the max: shift the values above zero,
+                        // pad with zeros, pool, shift back (tch 0.26 pads with zeros only).
+                        let run = || -> Result<Tensor, tch::TchError> {
+                            let floor = x.f_min()?.f_sub_scalar(1.0)?;
+                            let pad = [left, right, top, bottom];
+                            let padded = x.f_sub(&floor)?.f_constant_pad_nd(pad.as_slice())?;
+                            padded
+                                .f_max_pool2d(kernel, stride, [0, 0], [1, 1], false)?
+                                .f_add(&floor)
+                        };
+                        run()
                     };
-                    let y = x
-                        .f_max_pool2d(kernel, stride, padding, [1, 1], false)
-                        .map_err(torch_error)?;
-                    (*output, y)
+                    (*output, y.map_err(torch_error)?)
                 }
                 Op::Add { left, right, output } => {
                     let a = get(&values, *left)?;
                     let b = get(&values, *right)?;
                     (*output, a.f_add(&b).map_err(torch_error)?)
                 }
-                Op::Identity { input, output } => (*output, get(&values, *input)?),
             };
             values[output] = Some(value);
             for slot in op.inputs() {
@@ -271,8 +273,7 @@ impl Op {
             Op::Conv(Conv { input, .. })
             | Op::Affine { input, .. }
             | Op::Relu { input, .. }
-            | Op::MaxPool { input, .. }
-            | Op::Identity { input, .. } => vec![*input],
+            | Op::MaxPool { input, .. } => vec![*input],
             Op::Add { left, right, .. } => vec![*left, *right],
         }
     }
@@ -393,7 +394,12 @@ impl<'a> GraphReader<'a> {
     }
 
     fn bundle_error(&self, node: &NodeProto, reason: impl std::fmt::Display) -> ModelError {
-        ModelError::bundle(self.path, format!("{} node `{}`: {reason}", node.op_type, node.name))
+        let name = match (node.name.as_str(), node.output.first()) {
+            ("", Some(output)) => format!("computing `{output}`"),
+            ("", None) => "(unnamed)".to_string(),
+            (name, _) => format!("`{name}`"),
+        };
+        ModelError::bundle(self.path, format!("{} node {name}: {reason}", node.op_type))
     }
 
     fn input(&self, node: &NodeProto, index: usize) -> Result<usize, ModelError> {
@@ -422,7 +428,12 @@ impl<'a> GraphReader<'a> {
     }
 
     /// Reads one node; `bn`, when given, is a batch norm to fold into this convolution.
-    fn node(&mut self, node: &NodeProto, bn: Option<&NodeProto>) -> Result<PendingOp, ModelError> {
+    /// `None` for a node that only renames a value (Identity, Dropout at inference).
+    fn node(
+        &mut self,
+        node: &NodeProto,
+        bn: Option<&NodeProto>,
+    ) -> Result<Option<PendingOp>, ModelError> {
         let pair = |values: Option<Vec<i64>>, default: i64| -> [i64; 2] {
             match values.as_deref() {
                 Some([a, b]) => [*a, *b],
@@ -435,7 +446,7 @@ impl<'a> GraphReader<'a> {
                 let (shape, weight) = self.weight(node, 1)?;
                 if shape.len() != 4 {
                     return Err(
-                        self.bundle_error(node, format!("weight shape {shape:?} is not 2-d"))
+                        self.bundle_error(node, format!("weight shape {shape:?} is not 4-d"))
                     );
                 }
                 let bias = if node.input.get(2).is_some_and(|b| !b.is_empty()) {
@@ -455,7 +466,7 @@ impl<'a> GraphReader<'a> {
                     fold(&mut params, &scale, &shift);
                 }
                 let output = self.output(bn.unwrap_or(node))?;
-                Ok(PendingOp::Conv {
+                Ok(Some(PendingOp::Conv {
                     input,
                     output,
                     params,
@@ -463,23 +474,26 @@ impl<'a> GraphReader<'a> {
                     pads,
                     dilation: pair(node_ints(node, "dilations"), 1),
                     groups: node_int(node, "group").unwrap_or(1),
-                })
+                }))
             }
             "BatchNormalization" => {
                 let input = self.input(node, 0)?;
                 let (scale, shift) = self.batch_norm(node)?;
                 let output = self.output(node)?;
-                Ok(PendingOp::Affine { input, output, scale, shift })
+                Ok(Some(PendingOp::Affine { input, output, scale, shift }))
             }
             "Relu" => {
                 let input = self.input(node, 0)?;
-                Ok(PendingOp::Ready(Op::Relu { input, output: self.output(node)? }))
+                Ok(Some(PendingOp::Ready(Op::Relu { input, output: self.output(node)? })))
             }
             "MaxPool" => {
                 let input = self.input(node, 0)?;
                 check_auto_pad(self, node)?;
                 if node_int(node, "ceil_mode").unwrap_or(0) != 0 {
                     return Err(self.bundle_error(node, "ceil_mode = 1 is not supported"));
+                }
+                if node_ints(node, "dilations").is_some_and(|d| d.iter().any(|&v| v != 1)) {
+                    return Err(self.bundle_error(node, "dilations other than 1 are not supported"));
                 }
                 let kernel = pair(node_ints(node, "kernel_shape"), 1);
                 let pads = match node_ints(node, "pads").as_deref() {
@@ -488,15 +502,20 @@ impl<'a> GraphReader<'a> {
                 };
                 let stride = pair(node_ints(node, "strides"), 1);
                 let output = self.output(node)?;
-                Ok(PendingOp::Ready(Op::MaxPool { input, output, kernel, stride, pads }))
+                Ok(Some(PendingOp::Ready(Op::MaxPool { input, output, kernel, stride, pads })))
             }
             "Add" | "Sum" if node.input.len() == 2 => {
                 let (left, right) = (self.input(node, 0)?, self.input(node, 1)?);
-                Ok(PendingOp::Ready(Op::Add { left, right, output: self.output(node)? }))
+                Ok(Some(PendingOp::Ready(Op::Add { left, right, output: self.output(node)? })))
             }
             "Identity" | "Dropout" => {
+                // The output is another name for the input's value: one slot, so an in-place
+                // ReLU sees every reader of it.
                 let input = self.input(node, 0)?;
-                Ok(PendingOp::Ready(Op::Identity { input, output: self.output(node)? }))
+                if let Some(name) = node.output.first() {
+                    self.slots.insert(name.clone(), input);
+                }
+                Ok(None)
             }
             other => Err(self.bundle_error(
                 node,
@@ -516,8 +535,8 @@ impl<'a> GraphReader<'a> {
             .iter()
             .find(|a| a.name == "epsilon")
             .map_or(f64::from(BN_EPSILON), |a| f64::from(a.f));
-        let [(_, gamma), (_, beta), (_, mean), (_, var)] =
-            [1, 2, 3, 4].map(|i| self.weight(node, i)).map(|r| r.unwrap_or_default());
+        let [gamma, beta, mean, var] = [1, 2, 3, 4].map(|i| self.weight(node, i));
+        let (gamma, beta, mean, var) = (gamma?.1, beta?.1, mean?.1, var?.1);
         let channels = gamma.len();
         if [&beta, &mean, &var].iter().any(|v| v.len() != channels) || channels == 0 {
             return Err(self.bundle_error(node, "scale, bias, mean and variance differ in length"));
