@@ -631,33 +631,8 @@ impl Settings {
                     .into(),
             );
         }
-        if self.model.backend == Backend::Tract && self.model.precision != Precision::F32 {
-            let precision = self.model.precision.as_str();
-            problem(
-                "model.precision",
-                format!("{precision:?} needs backend = \"torch\"; tract runs f32 only"),
-            );
-        }
-        if self.model.backend == Backend::Tract
-            && !matches!(self.model.device.as_str(), "auto" | "cpu")
-        {
-            let device = &self.model.device;
-            problem(
-                "model.device",
-                format!("{device:?} needs backend = \"torch\"; tract runs on the CPU"),
-            );
-        }
-        if self.model.precision == Precision::F16 && self.model.device == "cpu" {
-            problem(
-                "model.precision",
-                "\"f16\" runs on CUDA devices only; use \"bf16\" or \"f32\" on a CPU".into(),
-            );
-        }
-        if !is_device(&self.model.device) {
-            problem(
-                "model.device",
-                format!("{:?} is not auto, cpu, cuda or cuda:N", self.model.device),
-            );
+        for (key, message) in self.model.backend_options().problems() {
+            problem(&format!("model.{key}"), message);
         }
         if self.engine.queue == 0 {
             problem("engine.queue", "must be at least 1".into());
@@ -809,15 +784,6 @@ impl StreamSettings {
 
 fn is_topic_word(word: &str) -> bool {
     !word.is_empty() && !word.contains(['/', '+', '#', ' ', '\0'])
-}
-
-fn is_device(device: &str) -> bool {
-    match device {
-        "auto" | "cpu" | "cuda" => true,
-        other => other
-            .strip_prefix("cuda:")
-            .is_some_and(|index| index.parse::<usize>().is_ok() && !index.starts_with('+')),
-    }
 }
 
 /// `serde_ignored` writes sequence indices as `streams.1.foo` and the `config` crate as

@@ -138,16 +138,10 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
         Command::Run { config } => run(config.as_deref()),
         Command::Classify { model, json, fps, threads, backend, device, precision, files } => {
             init_logging("warn");
-            if backend == BackendKind::Tract
-                && (precision != Precision::F32 || !matches!(device.as_str(), "auto" | "cpu"))
-            {
-                anyhow::bail!(
-                    "--device {device} --precision {} need --backend torch; tract runs f32 on \
-                     the CPU",
-                    precision.as_str()
-                );
-            }
             let options = BackendOptions { kind: backend, device, precision, threads };
+            if let Some((flag, message)) = options.problems().into_iter().next() {
+                anyhow::bail!("--{flag}: {message}");
+            }
             classify(&model, json, fps, &options, &files)
         }
         Command::Model(command) => {

@@ -78,6 +78,7 @@ impl StatsBuilder {
             );
         }
         let engine = &metrics.engine;
+        let backend = engine.backend();
         let batches = engine.batches.load(Ordering::Relaxed);
         let batched_frames = engine.batched_frames.load(Ordering::Relaxed);
         let new_batches = batches.saturating_sub(self.batches);
@@ -93,9 +94,9 @@ impl StatsBuilder {
             uptime_s: round3(metrics.uptime_s()),
             streams,
             engine: EngineStats {
-                backend: engine.backend().map(|b| b.backend.to_string()),
-                device: engine.backend().map(|b| b.device),
-                precision: engine.backend().map(|b| b.precision.as_str().to_string()),
+                backend: backend.as_ref().map(|b| b.backend.to_string()),
+                device: backend.as_ref().map(|b| b.device.clone()),
+                precision: backend.as_ref().map(|b| b.precision.as_str().to_string()),
                 queue_depth: engine.queue_depth.load(Ordering::Relaxed),
                 batches,
                 batched_frames,

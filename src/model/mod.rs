@@ -173,6 +173,43 @@ impl BackendOptions {
     }
 }
 
+impl BackendOptions {
+    /// What cannot work whatever the machine, as (`device` or `precision`, message): a device
+    /// name that is not auto/cpu/cuda/cuda:N, tract asked for a GPU or a precision other than
+    /// f32, f16 on a CPU. The config check and `classify` both report these.
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut problems = Vec::new();
+        let device = self.device.as_str();
+        if self.kind == BackendKind::Tract && self.precision != Precision::F32 {
+            let precision = self.precision.as_str();
+            let message = format!("{precision:?} needs backend = \"torch\"; tract runs f32 only");
+            problems.push(("precision", message));
+        }
+        if self.kind == BackendKind::Tract && !matches!(device, "auto" | "cpu") {
+            let message = format!("{device:?} needs backend = \"torch\"; tract runs on the CPU");
+            problems.push(("device", message));
+        }
+        if self.precision == Precision::F16 && device == "cpu" {
+            let message = "\"f16\" runs on CUDA devices only; use \"bf16\" or \"f32\" on a CPU";
+            problems.push(("precision", message.to_string()));
+        }
+        if !is_device(device) {
+            problems.push(("device", format!("{device:?} is not auto, cpu, cuda or cuda:N")));
+        }
+        problems
+    }
+}
+
+/// `auto`, `cpu`, `cuda` or `cuda:N` with N a valid index.
+pub fn is_device(device: &str) -> bool {
+    match device {
+        "auto" | "cpu" | "cuda" => true,
+        other => other
+            .strip_prefix("cuda:")
+            .is_some_and(|index| index.parse::<usize>().is_ok() && !index.starts_with('+')),
+    }
+}
+
 /// What a loaded backend runs on, for logs and the `stats` topic.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BackendInfo {
@@ -258,15 +295,20 @@ pub fn open_backend(
     }
 }
 
+/// The threads a `threads` setting means: 0 is one per core.
+pub fn thread_count(threads: usize) -> usize {
+    match threads {
+        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        n => n,
+    }
+}
+
 /// Sets the process-wide thread count of tract's matrix products (0 = all cores); returns the
 /// count in effect.
 #[cfg(feature = "tract")]
 pub fn set_tract_threads(threads: usize) -> usize {
     use tract_linalg::multithread::{Executor, set_default_executor};
-    let threads = match threads {
-        0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-        n => n,
-    };
+    let threads = thread_count(threads);
     let executor =
         if threads > 1 { Executor::multithread(threads) } else { Executor::SingleThread };
     set_default_executor(executor);

@@ -190,11 +190,7 @@ impl TorchBackend {
             ));
         }
         if device == Device::Cpu {
-            let threads = match options.threads {
-                0 => std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
-                n => n,
-            };
-            tch::set_num_threads(threads as i32);
+            tch::set_num_threads(super::thread_count(options.threads) as i32);
         }
         let kind = kind_of(options.precision);
         let output = bundle.manifest.backbone_output.as_deref();

@@ -4,8 +4,8 @@
 //! `backbone.onnx`, cut where the tract backend cuts it, and executed node by node. That way
 //! every layout a user may bring (torchvision exports with names or with `onnx::Conv_*` numbers,
 //! ONNX zoo v1 with the stride on the 1×1 convolution, batch norm folded or not; pre-activation
-//! v2 graphs use the same operators but are untested) runs exactly as written. Before anything runs, each convolution weight is
-//! matched to a convolution of the canonical ResNet-50 ([`resnet::canonical_convolutions`]) by
+//! v2 graphs use the same operators but are untested) runs exactly as written. Before anything
+//! runs, each convolution weight is matched to a convolution of the canonical ResNet-50 ([`resnet::canonical_convolutions`]) by
 //! shape, in graph order, and a file whose convolutions do not match all 53 is refused with the
 //! first one that does not.
 //!
@@ -123,7 +123,8 @@ pub struct TorchTrunk {
 
 impl TorchTrunk {
     /// Reads `path`, cuts it like the tract backend does, checks its declared input against
-    /// `input_size` and that its convolutions are those of a ResNet-50 and puts the weights on `device` in `kind`. Errors name the file.
+    /// `input_size` and that its convolutions are those of a ResNet-50, and puts the weights on
+    /// `device` in `kind`. Errors name the file.
     pub fn open(
         path: &Path,
         input_size: u32,
