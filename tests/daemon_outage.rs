@@ -228,8 +228,12 @@ fn a_thirty_second_outage_loses_nothing_and_a_killed_daemon_replays_its_spool() 
     assert!(!run_ids.contains(&killed_run), "the spool holds the second run's messages");
     let daemon = spawn_daemon(&config, &log);
     let want = spooled.len();
-    take_until(&rx, &mut arrivals, Duration::from_secs(60), "spool of the killed run", |a| {
-        classifications(a).filter(|seen| seen.run_id == killed_run && seen.replayed).count() >= want
+    // Done once the whole spool is replayed and the new run has published something of its own
+    // (on a loaded machine its first frame can come after the replay).
+    take_until(&rx, &mut arrivals, Duration::from_secs(90), "spool of the killed run", |a| {
+        let replayed =
+            classifications(a).filter(|seen| seen.run_id == killed_run && seen.replayed).count();
+        replayed >= want && classifications(a).any(|seen| seen.run_id != killed_run)
     });
     stop(daemon, &log);
     while let Ok(arrival) = rx.recv_timeout(Duration::from_secs(2)) {
