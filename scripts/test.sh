@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests need (GStreamer with its RTSP server library, Mosquitto, OpenSSL for
 # the TLS test certificates, systemd's tools for the unit checks, onnxruntime for the reference
-# test, lintian for the package check), starts Mosquitto on a free 127.0.0.1 port, and runs every
+# test, lintian for the package check, Fashion-MNIST for the training test), starts Mosquitto on a free 127.0.0.1 port, and runs every
 # test (with the `torch` feature, on a CPU-only libtorch that scripts/libtorch.sh assembles from
 # PyPI wheels); then builds, installs and purges the .deb, and cross-builds for ARM and compares the ARM
 # binaries with the x86 one under qemu (cross/ installs the cross compilers and ARM libraries).
@@ -19,7 +19,7 @@ mkdir -p "$cache"
 scripts/install-packages.sh pkg-config libgstreamer1.0-dev libgstreamer-plugins-base1.0-dev \
   gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad \
   gstreamer1.0-libav gstreamer1.0-tools gstreamer1.0-rtsp libgstrtspserver-1.0-dev \
-  mosquitto mosquitto-clients openssl systemd python3 python3-venv lintian
+  mosquitto mosquitto-clients openssl systemd python3 python3-venv lintian dataset-fashion-mnist
 
 # 2. onnxruntime (PyPI) for the backbone reference test, in a venv outside the checkout.
 venv="$cache/venv"

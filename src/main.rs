@@ -4,7 +4,7 @@
 //! decided here: 0 when everything asked for worked, 1 when something failed, 2 for a usage
 //! or configuration error.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -70,6 +70,71 @@ enum Command {
     /// Dataset tools for the training mode.
     #[command(subcommand)]
     Dataset(DatasetCommand),
+    /// Train a bundle from a folder of labelled images (one subfolder per class); builds with
+    /// the `torch` feature.
+    Train(TrainArgs),
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// The ImageFolder: one subfolder per class, images inside.
+    #[arg(long)]
+    data: PathBuf,
+    /// The bundle directory to write (replaced only if it is a bundle).
+    #[arg(long)]
+    out: PathBuf,
+    /// A ResNet-50 ONNX file for the trunk (default: the synthetic one, seed 0).
+    #[arg(long)]
+    backbone: Option<PathBuf>,
+    /// Square input side in pixels; a multiple of 32.
+    #[arg(long, default_value_t = 224)]
+    input_size: u32,
+    /// Fraction of each class held out for validation (stratified, seeded).
+    #[arg(long, default_value_t = 0.2)]
+    val_split: f64,
+    /// A separate ImageFolder with the same classes, scored in the report.
+    #[arg(long)]
+    test: Option<PathBuf>,
+    #[arg(long, default_value_t = 30)]
+    epochs: usize,
+    #[arg(long, default_value_t = 64)]
+    batch_size: usize,
+    /// Peak learning rate of AdamW (cosine schedule).
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    #[arg(long, default_value_t = 1e-2)]
+    weight_decay: f64,
+    /// Epochs without a better validation loss before training stops.
+    #[arg(long, default_value_t = 5)]
+    patience: usize,
+    /// Fraction of the feature variance the PCA keeps.
+    #[arg(long, default_value_t = 0.95)]
+    pca_variance: f64,
+    /// Most PCA components.
+    #[arg(long, default_value_t = 200)]
+    max_components: usize,
+    /// `auto`, `cpu`, `cuda` or `cuda:N`.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Conditions for augmentation and evaluation (clean is always evaluated): clean,
+    /// low-light, motion-blur, haze, overexposure.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "clean,low-light,motion-blur,haze,overexposure"
+    )]
+    conditions: Vec<String>,
+    /// Feature cache directory (default: ~/.cache/edgesight/features).
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// CPU threads; 0 means one per core.
+    #[arg(long, default_value_t = 0)]
+    threads: usize,
+    /// Do not run the clean validation images through tract to compare with tch.
+    #[arg(long)]
+    skip_agreement: bool,
 }
 
 #[derive(Subcommand)]
@@ -158,6 +223,10 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Train(args) => {
+            init_logging("info");
+            train(args)
+        }
         Command::Config(ConfigCommand::Check { file }) => {
             let file = file.or_else(system_config);
             match Settings::load(file.as_deref()) {
@@ -237,17 +306,24 @@ fn classify(
     })?;
     let backend = model::open_backend(&bundle, options)?;
     let mut classifier = Classifier::new(backend, &bundle, fps);
+    // A reader that went away (`| head`) ends the run quietly instead of a panic in println!.
+    let mut stdout = std::io::stdout().lock();
+    let mut closed = false;
     if !json {
-        println!("{TABLE_HEADER}");
+        closed = writeln!(stdout, "{TABLE_HEADER}").is_err();
     }
     let mut failed = 0;
     for file in files {
+        if closed {
+            break;
+        }
         let ok = classifier.classify_path(file, &mut |row| {
-            if json {
-                println!("{}", serde_json::to_string(&row).unwrap_or_default());
+            let line = if json {
+                serde_json::to_string(&row).unwrap_or_default()
             } else {
-                println!("{}", row.table_line());
-            }
+                row.table_line()
+            };
+            closed = closed || writeln!(stdout, "{line}").is_err();
         });
         if !ok {
             failed += 1;
@@ -258,6 +334,114 @@ fn classify(
         return Ok(ExitCode::from(1));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(feature = "torch")]
+fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
+    use edgesight::train::conditions::Condition;
+    use edgesight::train::run::{self, TrainOptions};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let mut conditions = Vec::new();
+    for name in &args.conditions {
+        match Condition::parse(name.trim()) {
+            Some(condition) => conditions.push(condition),
+            None => anyhow::bail!(
+                "--conditions: unknown condition {name:?} (clean, low-light, motion-blur, haze, \
+                 overexposure)"
+            ),
+        }
+    }
+    let options = TrainOptions {
+        data: args.data,
+        out: args.out,
+        backbone: args.backbone,
+        input_size: args.input_size,
+        val_split: args.val_split,
+        test: args.test,
+        epochs: args.epochs,
+        batch_size: args.batch_size,
+        lr: args.lr,
+        weight_decay: args.weight_decay,
+        patience: args.patience,
+        pca_variance: args.pca_variance,
+        max_components: args.max_components,
+        device: args.device,
+        seed: args.seed,
+        conditions,
+        cache: args.cache.unwrap_or_else(|| service::cache_dir().join("features")),
+        threads: args.threads,
+        skip_agreement: args.skip_agreement,
+        progress: std::io::stderr().is_terminal(),
+    };
+    let problems = options.problems();
+    if !problems.is_empty() {
+        eprintln!("error: {}", problems.join("; "));
+        return Ok(ExitCode::from(2));
+    }
+    // Ctrl-C or SIGTERM: the run stops at the next batch and removes its staging directory.
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&stop);
+    std::thread::spawn(move || {
+        let Ok(runtime) = tokio::runtime::Builder::new_current_thread().enable_all().build() else {
+            return;
+        };
+        runtime.block_on(async {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            let terminated = async {
+                match term.as_mut() {
+                    Some(term) => term.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = terminated => {}
+            }
+        });
+        tracing::warn!("stopping: the run ends at the next batch and writes nothing");
+        flag.store(true, Ordering::Relaxed);
+    });
+    let outcome = run::train(&options, &stop)
+        .with_context(|| format!("training from {} failed", options.data.display()))?;
+    let report = &outcome.report;
+    println!("wrote {}", outcome.out.display());
+    println!(
+        "  k = {} (variance kept {:.3}), best epoch {} of {}",
+        report.k,
+        report.variance_kept,
+        report.best_epoch,
+        report.history.len()
+    );
+    for (name, set) in [("validation", Some(&report.validation)), ("test", report.test.as_ref())] {
+        let Some(set) = set else { continue };
+        println!(
+            "  {name}: accuracy {:.4}, loss {:.4} (clean, {} images)",
+            set.clean.accuracy, set.clean.loss, set.clean.images
+        );
+        for score in &set.conditions {
+            println!("    {:<13} {:.4}", score.condition, score.accuracy);
+        }
+    }
+    if let Some(agreement) = &report.agreement {
+        println!(
+            "  tract and tch agree on {} of {} clean validation images",
+            agreement.same_top1, agreement.images
+        );
+    }
+    if !report.unreadable.is_empty() {
+        println!("  {} unreadable image(s) skipped (see report.json)", report.unreadable.len());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(not(feature = "torch"))]
+fn train(_args: TrainArgs) -> anyhow::Result<ExitCode> {
+    anyhow::bail!(
+        "this build has no training mode: build with `--features torch` (README, \"Training\")"
+    )
 }
 
 fn model_command(command: ModelCommand) -> anyhow::Result<ExitCode> {

@@ -136,7 +136,7 @@ pub fn write_bundle(out: &Path, options: &SynthOptions) -> Result<(), ModelError
 }
 
 /// `.<name>.<tag>-<pid>-<nanos>` next to `out`.
-fn sibling(out: &Path, tag: &str) -> Result<PathBuf, ModelError> {
+pub(crate) fn sibling(out: &Path, tag: &str) -> Result<PathBuf, ModelError> {
     let name = out
         .file_name()
         .ok_or_else(|| ModelError::bundle(out, "the output path has no directory name"))?;
@@ -150,7 +150,7 @@ fn sibling(out: &Path, tag: &str) -> Result<PathBuf, ModelError> {
 }
 
 /// Moves `staging` to `out`, replacing an existing bundle there.
-fn replace_dir(staging: &Path, out: &Path) -> Result<(), ModelError> {
+pub(crate) fn replace_dir(staging: &Path, out: &Path) -> Result<(), ModelError> {
     if out.exists() {
         let old = sibling(out, "old")?;
         std::fs::rename(out, &old).map_err(|e| ModelError::bundle(out, e))?;

@@ -7,10 +7,14 @@
 //! follows `seed`. The result converts to [`HeadWeights`], so the bundle writer emits the same
 //! tensors under the same names for tract and for tch.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use tch::nn::{self, Module, OptimizerConfig};
 use tch::{Device, Kind, Tensor};
 
 use crate::model::head::{HEAD_WIDTH, HeadWeights};
+
+pub use super::metrics::EpochRecord;
 
 #[derive(Debug, thiserror::Error)]
 pub enum HeadError {
@@ -18,6 +22,8 @@ pub enum HeadError {
     Invalid(String),
     #[error("head training: libtorch: {0}")]
     Torch(#[from] tch::TchError),
+    #[error("head training: stopped")]
+    Stopped,
 }
 
 #[derive(Debug, Clone)]
@@ -45,17 +51,6 @@ impl Default for HeadOptions {
             device: Device::Cpu,
         }
     }
-}
-
-/// Loss and accuracy of one epoch.
-#[derive(Debug, Clone, PartialEq)]
-pub struct EpochRecord {
-    pub epoch: usize,
-    pub lr: f64,
-    pub train_loss: f64,
-    pub train_accuracy: f64,
-    pub val_loss: f64,
-    pub val_accuracy: f64,
 }
 
 /// A labelled set of projected feature maps: `features [N,k,h,w]` f32, `labels [N]` i64.
@@ -134,12 +129,14 @@ fn evaluate(net: &HeadNet, set: &FeatureSet, batch: usize) -> Result<(f64, f64),
     Ok((loss / n as f64, correct / n as f64))
 }
 
-/// Trains a head for `classes` classes on `train`, choosing the epoch by `val`.
+/// Trains a head for `classes` classes on `train`, choosing the epoch by `val`. A raised
+/// `stop` ends training between batches with [`HeadError::Stopped`].
 pub fn train_head(
     train: &FeatureSet,
     val: &FeatureSet,
     classes: usize,
     options: &HeadOptions,
+    stop: &AtomicBool,
     mut on_epoch: impl FnMut(&EpochRecord),
 ) -> Result<TrainedHead, HeadError> {
     if train.is_empty() || val.is_empty() {
@@ -178,6 +175,9 @@ pub fn train_head(
         let (mut loss_sum, mut correct) = (0.0, 0.0);
         let mut lr = options.lr;
         for start in (0..n).step_by(options.batch_size) {
+            if stop.load(Ordering::Relaxed) {
+                return Err(HeadError::Stopped);
+            }
             let size = options.batch_size.min(n - start) as i64;
             let index = order.f_narrow(0, start as i64, size)?;
             let x = train_x.f_index_select(0, &index)?;
@@ -217,6 +217,55 @@ pub fn train_head(
         return Err(HeadError::Invalid("the validation loss never became finite".into()));
     }
     Ok(TrainedHead { weights: to_weights(&best, k, classes)?, history, best_epoch })
+}
+
+/// Logits `[N,classes]` (on the CPU) of a head with `weights` for projected features
+/// `[N,k,h,w]`, in batches of `batch` on `device`, and each row's cross-entropy against
+/// `labels`.
+pub fn predict(
+    weights: &HeadWeights,
+    set: &FeatureSet,
+    batch: usize,
+    device: Device,
+) -> Result<(Tensor, Vec<f64>), HeadError> {
+    let _no_grad = tch::no_grad_guard();
+    let vs = nn::VarStore::new(device);
+    let net = HeadNet::new(&vs.root(), weights.k, weights.classes);
+    let mut variables = vs.variables();
+    for (name, shape, values) in &weights.tensors {
+        let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+        let source = Tensor::from_slice(values).f_reshape(dims)?;
+        let variable = variables
+            .get_mut(name)
+            .ok_or_else(|| HeadError::Invalid(format!("no variable `{name}`")))?;
+        variable.f_copy_(&source)?;
+    }
+    let mut logits = Vec::new();
+    let mut losses = Vec::with_capacity(set.len());
+    let n = set.len();
+    for start in (0..n).step_by(batch.max(1)) {
+        let size = batch.max(1).min(n - start) as i64;
+        let x = set.features.f_narrow(0, start as i64, size)?.f_to_device(device)?;
+        let y = set.labels.f_narrow(0, start as i64, size)?.f_to_device(device)?;
+        let out = net.forward(&x);
+        let loss = out.f_cross_entropy_loss::<Tensor>(&y, None, tch::Reduction::None, -100, 0.0)?;
+        losses.extend(to_f64s(&loss)?);
+        logits.push(out.f_to_device(Device::Cpu)?);
+    }
+    let logits = if logits.is_empty() {
+        Tensor::zeros([0, weights.classes as i64], (Kind::Float, Device::Cpu))
+    } else {
+        Tensor::f_cat(&logits, 0)?
+    };
+    Ok((logits, losses))
+}
+
+fn to_f64s(tensor: &Tensor) -> Result<Vec<f64>, tch::TchError> {
+    let tensor = tensor.f_to_kind(Kind::Double)?.f_contiguous()?.f_to_device(Device::Cpu)?;
+    let count = tensor.numel();
+    let mut out = vec![0f64; count];
+    tensor.f_copy_data(&mut out, count)?;
+    Ok(out)
 }
 
 /// The variables of `vs` as [`HeadWeights`] in file order.
@@ -265,7 +314,8 @@ mod tests {
         let (train, val) = (blobs(300, 1), blobs(90, 2));
         let options = HeadOptions { epochs: 6, batch_size: 32, ..HeadOptions::default() };
         let mut seen = 0;
-        let trained = train_head(&train, &val, 3, &options, |_| seen += 1).unwrap();
+        let trained =
+            train_head(&train, &val, 3, &options, &AtomicBool::new(false), |_| seen += 1).unwrap();
         assert_eq!(seen, trained.history.len());
         let best = &trained.history[trained.best_epoch - 1];
         assert!(best.val_accuracy > 0.9, "{:?}", trained.history);
@@ -284,17 +334,9 @@ mod tests {
         x.copy_data(&mut input, 4 * 24);
         let tract_logits = run_tract(&onnx, &input);
 
-        let vs = nn::VarStore::new(Device::Cpu);
-        let net = HeadNet::new(&vs.root(), 6, 3);
-        let mut variables = vs.variables();
-        tch::no_grad(|| {
-            for (name, shape, values) in &weights.tensors {
-                let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
-                let source = Tensor::from_slice(values).reshape(dims);
-                variables.get_mut(name).unwrap().copy_(&source);
-            }
-        });
-        let logits = tch::no_grad(|| net.forward(&x));
+        let four = FeatureSet { features: x.shallow_clone(), labels: val.labels.narrow(0, 0, 4) };
+        let (logits, losses) = predict(weights, &four, 3, Device::Cpu).unwrap();
+        assert_eq!(losses.len(), 4);
         let mut tch_logits = vec![0.0f32; 12];
         logits.contiguous().copy_data(&mut tch_logits, 12);
         for (a, b) in tract_logits.iter().zip(&tch_logits) {
@@ -322,7 +364,8 @@ mod tests {
         val.labels = Tensor::randint(3, [30], (Kind::Int64, Device::Cpu));
         let options =
             HeadOptions { epochs: 40, batch_size: 16, patience: 2, ..HeadOptions::default() };
-        let trained = train_head(&train, &val, 3, &options, |_| {}).unwrap();
+        let trained =
+            train_head(&train, &val, 3, &options, &AtomicBool::new(false), |_| {}).unwrap();
         assert!(trained.history.len() < 40, "{} epochs ran", trained.history.len());
         assert_eq!(trained.history.len(), trained.best_epoch + 2);
 
@@ -330,7 +373,10 @@ mod tests {
             features: Tensor::zeros([0, 6, 2, 2], (Kind::Float, Device::Cpu)),
             labels: Tensor::zeros([0], (Kind::Int64, Device::Cpu)),
         };
-        let error = train_head(&train, &empty, 3, &options, |_| {}).err().unwrap().to_string();
+        let error = train_head(&train, &empty, 3, &options, &AtomicBool::new(false), |_| {})
+            .err()
+            .unwrap()
+            .to_string();
         assert!(error.contains("0 validation samples"), "{error}");
     }
 }

@@ -1,13 +1,51 @@
 //! The training mode: from a folder of labelled images to a bundle the daemon runs unchanged.
 //!
-//! Built so far: reading an ImageFolder and its stratified split (`folder`) and the five visual
-//! conditions (`conditions`), both plain Rust; the PCA fit on backbone feature maps (`pca_fit`)
-//! and head training (`head_fit`), both on tch (feature `torch`). Still to come for
-//! `edgesight train`: feature extraction with its on-disk cache, the bundle writer, the report.
+//! Plain Rust: reading an ImageFolder and its stratified split (`folder`), the five visual
+//! conditions (`conditions`), the scores (`metrics`) and the report's pictures (`plot`). On tch
+//! (feature `torch`): feature extraction with its on-disk cache (`features`), the PCA fit
+//! (`pca_fit`), head training (`head_fit`) and the whole `edgesight train` run (`run`).
+
+use std::path::{Path, PathBuf};
 
 pub mod conditions;
+#[cfg(feature = "torch")]
+pub mod features;
 pub mod folder;
 #[cfg(feature = "torch")]
 pub mod head_fit;
+pub mod metrics;
 #[cfg(feature = "torch")]
 pub mod pca_fit;
+pub mod plot;
+#[cfg(feature = "torch")]
+pub mod run;
+
+/// Why a training run failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("{path}: {reason}")]
+    File { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Folder(#[from] folder::FolderError),
+    #[error(transparent)]
+    Model(#[from] crate::model::ModelError),
+    #[error("{0}")]
+    Invalid(String),
+    #[cfg(feature = "torch")]
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+    #[cfg(feature = "torch")]
+    #[error(transparent)]
+    Pca(#[from] pca_fit::PcaError),
+    #[cfg(feature = "torch")]
+    #[error(transparent)]
+    Head(#[from] head_fit::HeadError),
+    #[error("stopped before the end; nothing was written to the output directory")]
+    Interrupted,
+}
+
+impl TrainError {
+    pub fn file(path: &Path, reason: impl std::fmt::Display) -> TrainError {
+        TrainError::File { path: path.to_path_buf(), reason: reason.to_string() }
+    }
+}

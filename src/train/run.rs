@@ -1,0 +1,774 @@
+//! `edgesight train`: folder → feature maps → PCA → head → evaluated bundle.
+//!
+//! The steps, in order: read the ImageFolder and split it (stratified, seeded); put the backbone
+//! (the synthetic ResNet-50 or `--backbone`) in a staging directory beside `--out`; extract the
+//! feature maps of every training image (clean, and once more under one of the chosen
+//! conditions as augmentation) and of every validation and test image under every condition,
+//! through the feature cache; fit the PCA on the training maps; project every map; train the
+//! head; score the validation and test sets per condition; write the bundle; run the bundle's
+//! clean validation images through tract and compare its top-1 with tch's; write the report
+//! and its two pictures; and only then rename the staging directory to `--out`. An error or a
+//! stop request removes the staging directory, so `--out` is either the old bundle or the new
+//! one, never half of one.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use tch::{Device, Kind, Tensor};
+
+use super::TrainError;
+use super::conditions::Condition;
+use super::features::{Extracted, Extractor, FeatureCache, RecordKey, Request, trunk_key};
+use super::folder::{ImageFolder, Sample};
+use super::head_fit::{self, EpochRecord, FeatureSet, HeadOptions};
+use super::metrics::{self, Evaluation};
+use super::pca_fit::PcaAccumulator;
+use super::plot;
+use crate::model::bundle::{BACKBONE, HEAD, HEAD_WEIGHTS, MANIFEST, Manifest, PCA, sha256_file};
+use crate::model::synth::{VariantOptions, replace_dir, sibling, write_resnet50_variant};
+use crate::model::torch_backend::{TorchTrunk, device_name, resolve_device};
+use crate::model::{self, BackendOptions, Bundle, FEATURE_CHANNELS};
+use crate::preprocess::Preprocess;
+
+pub const REPORT: &str = "report.json";
+pub const CONFUSION_PNG: &str = "confusion.png";
+pub const HISTORY_PNG: &str = "training.png";
+
+/// ImageNet normalisation, what the ResNet-50 trunk expects.
+const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+const STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+/// Everything `edgesight train` takes.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainOptions {
+    pub data: PathBuf,
+    pub out: PathBuf,
+    /// A ResNet-50 ONNX file; `None` for the synthetic one (seed 0).
+    pub backbone: Option<PathBuf>,
+    pub input_size: u32,
+    pub val_split: f64,
+    pub test: Option<PathBuf>,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub patience: usize,
+    pub pca_variance: f64,
+    pub max_components: usize,
+    pub device: String,
+    pub seed: u64,
+    /// Conditions of the evaluation axis and the augmentation (clean is always evaluated).
+    #[serde(serialize_with = "condition_names")]
+    pub conditions: Vec<Condition>,
+    /// Feature cache directory.
+    pub cache: PathBuf,
+    /// CPU threads for libtorch and decoding; 0 = one per core.
+    pub threads: usize,
+    /// Skip the tract-vs-tch comparison (it runs every clean validation image through tract).
+    pub skip_agreement: bool,
+    /// Show progress bars (when stderr is a terminal).
+    pub progress: bool,
+}
+
+fn condition_names<S: serde::Serializer>(
+    conditions: &[Condition],
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    s.collect_seq(conditions.iter().map(|c| c.name()))
+}
+
+impl TrainOptions {
+    /// Every option out of range, with its flag.
+    pub fn problems(&self) -> Vec<String> {
+        let mut problems = Vec::new();
+        if self.input_size < 32 || !self.input_size.is_multiple_of(32) {
+            problems
+                .push(format!("--input-size {} is not a positive multiple of 32", self.input_size));
+        }
+        if !(self.val_split > 0.0 && self.val_split < 1.0) {
+            problems.push(format!("--val-split {} is not in (0, 1)", self.val_split));
+        }
+        if self.epochs == 0 {
+            problems.push("--epochs must be at least 1".into());
+        }
+        if self.batch_size == 0 {
+            problems.push("--batch-size must be at least 1".into());
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            problems.push(format!("--lr {} must be above 0", self.lr));
+        }
+        if !(self.pca_variance > 0.0 && self.pca_variance <= 1.0) {
+            problems.push(format!("--pca-variance {} is not in (0, 1]", self.pca_variance));
+        }
+        if self.max_components == 0 || self.max_components > FEATURE_CHANNELS {
+            problems.push(format!(
+                "--max-components {} is not in 1..={FEATURE_CHANNELS}",
+                self.max_components
+            ));
+        }
+        if !model::is_device(&self.device) {
+            problems.push(format!("--device {:?} is not auto, cpu, cuda or cuda:N", self.device));
+        }
+        problems
+    }
+
+    /// Clean first, then the others in the order given, each once.
+    fn evaluated_conditions(&self) -> Vec<Condition> {
+        let mut out = vec![Condition::Clean];
+        for &c in &self.conditions {
+            if !out.contains(&c) {
+                out.push(c);
+            }
+        }
+        out
+    }
+}
+
+/// The per-condition score of a set.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConditionScore {
+    pub condition: String,
+    pub images: u64,
+    pub accuracy: f64,
+    pub loss: f64,
+}
+
+/// The scores of the validation or test set.
+#[derive(Debug, Clone, Serialize)]
+pub struct SetReport {
+    /// Clean images: accuracy, loss, per-class precision and recall, confusion matrix.
+    pub clean: Evaluation,
+    /// Every condition, clean included.
+    pub conditions: Vec<ConditionScore>,
+    /// All conditions pooled.
+    pub all_conditions: ConditionScore,
+}
+
+/// An image that could not be used, and why.
+#[derive(Debug, Clone, Serialize)]
+pub struct Unreadable {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+/// tract's top-1 against tch's on the clean validation images.
+#[derive(Debug, Clone, Serialize)]
+pub struct Agreement {
+    pub images: u64,
+    pub same_top1: u64,
+    pub fraction: f64,
+}
+
+/// `report.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub bundle: String,
+    pub created: String,
+    pub classes: Vec<String>,
+    pub options: TrainOptions,
+    pub device: String,
+    /// Images per split after unreadable ones were dropped.
+    pub images: BTreeMap<String, u64>,
+    /// Files that are not images by their extension (not read).
+    pub skipped_not_images: u64,
+    pub unreadable: Vec<Unreadable>,
+    pub feature_map: [usize; 3],
+    pub k: usize,
+    pub variance_kept: f64,
+    pub pca_samples: u64,
+    pub history: Vec<EpochRecord>,
+    pub best_epoch: usize,
+    pub validation: SetReport,
+    pub test: Option<SetReport>,
+    pub agreement: Option<Agreement>,
+    /// Seconds per step.
+    pub seconds: BTreeMap<String, f64>,
+}
+
+/// What a finished run made.
+pub struct Outcome {
+    pub out: PathBuf,
+    pub report: Report,
+}
+
+/// Removes the staging directory unless the run completed.
+struct Staging {
+    dir: PathBuf,
+    keep: bool,
+}
+
+impl Drop for Staging {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// One labelled map of a split.
+#[derive(Debug, Clone)]
+struct Item {
+    key: RecordKey,
+    label: usize,
+    condition: Condition,
+    path: PathBuf,
+}
+
+/// Trains a bundle; see the module documentation for the steps.
+pub fn train(options: &TrainOptions, stop: &AtomicBool) -> Result<Outcome, TrainError> {
+    let problems = options.problems();
+    if !problems.is_empty() {
+        return Err(TrainError::Invalid(problems.join("; ")));
+    }
+    let out = &options.out;
+    if out.exists() && !out.join(MANIFEST).is_file() {
+        return Err(TrainError::file(
+            out,
+            "exists and is not a bundle (no manifest.toml); refusing to replace it",
+        ));
+    }
+    let mut seconds = BTreeMap::new();
+    let started = Instant::now();
+
+    let folder = ImageFolder::read(&options.data)?;
+    let (train_samples, val_samples) = folder.split(options.val_split, options.seed)?;
+    let test_samples = match &options.test {
+        Some(dir) => Some(read_test(dir, &folder.classes)?),
+        None => None,
+    };
+    tracing::info!(
+        data = %options.data.display(),
+        classes = folder.classes.len(),
+        train = train_samples.len(),
+        validation = val_samples.len(),
+        test = test_samples.as_ref().map_or(0, Vec::len),
+        "dataset read"
+    );
+
+    let staging = Staging { dir: sibling(out, "tmp")?, keep: false };
+    std::fs::create_dir_all(&staging.dir).map_err(|e| TrainError::file(&staging.dir, e))?;
+    let backbone_path = staging.dir.join(BACKBONE);
+    if options.threads > 0 {
+        tch::set_num_threads(options.threads as i32);
+    }
+    let device = resolve_device(&options.device)?;
+    let trunk = match &options.backbone {
+        Some(path) => {
+            let trunk = TorchTrunk::open(path, options.input_size, None, device, Kind::Float)?;
+            std::fs::copy(path, &backbone_path).map_err(|e| TrainError::file(path, e))?;
+            trunk
+        }
+        None => {
+            let variant = VariantOptions::torchvision(0, options.input_size);
+            write_resnet50_variant(&backbone_path, &variant)?;
+            TorchTrunk::open(&backbone_path, options.input_size, None, device, Kind::Float)?
+        }
+    };
+    let preprocess = Preprocess { size: options.input_size, mean: MEAN, std: STD };
+    let shape = probe_shape(&trunk, options.input_size)?;
+    let key = trunk_key(&sha256_file(&backbone_path)?, &preprocess);
+    let mut cache = FeatureCache::open(&options.cache, &key, shape)?;
+    tracing::info!(
+        device = %device_name(device),
+        feature_map = ?shape,
+        cache = %cache.path().display(),
+        cached = cache.len(),
+        "backbone ready"
+    );
+
+    // Requests: training images clean and under one drawn condition; validation and test
+    // images under every evaluated condition.
+    let evaluated = options.evaluated_conditions();
+    let augment: Vec<Condition> =
+        evaluated.iter().copied().filter(|c| *c != Condition::Clean).collect();
+    let mut draw = crate::model::prng::Rng::derive(options.seed, "augmentation");
+    let mut plan: Vec<(Split, &Sample, Condition)> = Vec::new();
+    for sample in &train_samples {
+        plan.push((Split::Train, sample, Condition::Clean));
+        if !augment.is_empty() {
+            let pick = augment[(draw.next_u64() % augment.len() as u64) as usize];
+            plan.push((Split::Train, sample, pick));
+        }
+    }
+    for (split, samples) in [(Split::Val, Some(&val_samples)), (Split::Test, test_samples.as_ref())]
+    {
+        for sample in samples.into_iter().flatten() {
+            for &condition in &evaluated {
+                plan.push((split, sample, condition));
+            }
+        }
+    }
+    let requests: Vec<Request> = plan
+        .iter()
+        .map(|(_, sample, condition)| Request { path: sample.path.clone(), condition: *condition })
+        .collect();
+
+    let extract_started = Instant::now();
+    let bar = progress_bar(options.progress, requests.len() as u64, "features");
+    let extractor = Extractor {
+        trunk: &trunk,
+        preprocess,
+        batch: 32,
+        threads: model::thread_count(options.threads),
+        seed: options.seed,
+    };
+    let mut cached = 0;
+    let extracted = extractor.extract(&mut cache, &requests, stop, |done, hits| {
+        cached = hits;
+        bar.set_position(done as u64);
+        bar.set_message(format!("features ({hits} cached)"));
+    })?;
+    bar.finish_and_clear();
+    seconds.insert("features".to_string(), extract_started.elapsed().as_secs_f64());
+    let (splits, unreadable) = sort_out(&plan, extracted);
+    for bad in &unreadable {
+        tracing::warn!(file = %bad.path.display(), reason = %bad.reason, "unreadable image skipped");
+    }
+    tracing::info!(
+        maps = requests.len(),
+        from_cache = cached,
+        unreadable = unreadable.len(),
+        seconds = extract_started.elapsed().as_secs(),
+        "feature maps ready"
+    );
+    let [train_items, val_items, test_items] = splits;
+    check_every_class(&folder.classes, &train_items, "training")?;
+    check_every_class(&folder.classes, &val_items, "validation")?;
+
+    // PCA on the training maps.
+    let pca_started = Instant::now();
+    let mut accumulator = PcaAccumulator::new(FEATURE_CHANNELS, device);
+    for chunk in train_items.chunks(256) {
+        if stop.load(Ordering::Relaxed) {
+            return Err(TrainError::Interrupted);
+        }
+        let keys: Vec<RecordKey> = chunk.iter().map(|item| item.key).collect();
+        accumulator.add_maps(&cache.read(&keys)?)?;
+    }
+    let fit = accumulator.finish(options.pca_variance, options.max_components)?;
+    seconds.insert("pca".to_string(), pca_started.elapsed().as_secs_f64());
+    tracing::info!(
+        k = fit.pca.k,
+        variance_kept = format!("{:.4}", fit.variance_kept),
+        samples = fit.samples,
+        "PCA fitted"
+    );
+
+    let project = |items: &[Item]| -> Result<FeatureSet, TrainError> {
+        project_set(&cache, &fit.pca, items, device, stop)
+    };
+    let train_set = project(&train_items)?;
+    let val_set = project(&val_items)?;
+    let test_set = if test_items.is_empty() { None } else { Some(project(&test_items)?) };
+
+    // The head.
+    let head_started = Instant::now();
+    let head_options = HeadOptions {
+        epochs: options.epochs,
+        batch_size: options.batch_size,
+        lr: options.lr,
+        weight_decay: options.weight_decay,
+        patience: options.patience,
+        seed: options.seed,
+        device,
+    };
+    let classes = folder.classes.len();
+    let bar = progress_bar(options.progress, options.epochs as u64, "head");
+    let trained = head_fit::train_head(&train_set, &val_set, classes, &head_options, stop, |r| {
+        bar.inc(1);
+        tracing::info!(
+            epoch = r.epoch,
+            train_loss = format!("{:.4}", r.train_loss),
+            train_accuracy = format!("{:.4}", r.train_accuracy),
+            val_loss = format!("{:.4}", r.val_loss),
+            val_accuracy = format!("{:.4}", r.val_accuracy),
+            "epoch"
+        );
+    })
+    .map_err(|e| match e {
+        head_fit::HeadError::Stopped => TrainError::Interrupted,
+        other => TrainError::Head(other),
+    })?;
+    bar.finish_and_clear();
+    seconds.insert("head".to_string(), head_started.elapsed().as_secs_f64());
+
+    let (validation, val_predictions) =
+        score(&trained.weights, &val_set, &val_items, &folder.classes, &evaluated, device)?;
+    let test = match &test_set {
+        Some(set) => {
+            Some(score(&trained.weights, set, &test_items, &folder.classes, &evaluated, device)?.0)
+        }
+        None => None,
+    };
+
+    // The bundle.
+    let created = chrono::Utc::now();
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "edgesight-model".into());
+    let write = |file: &str, bytes: Vec<u8>| {
+        let path = staging.dir.join(file);
+        std::fs::write(&path, bytes).map_err(|e| TrainError::file(&path, e))
+    };
+    write(PCA, fit.pca.to_safetensors(&staging.dir.join(PCA))?)?;
+    write(HEAD, crate::model::onnx::encode(&trained.weights.to_onnx()))?;
+    write(HEAD_WEIGHTS, trained.weights.to_safetensors(&staging.dir.join(HEAD_WEIGHTS))?)?;
+    let mut manifest = Manifest {
+        name: name.clone(),
+        version: format!("1.0.0+{}", created.format("%Y%m%d%H%M%S")),
+        created: created.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        input_size: options.input_size,
+        mean: MEAN,
+        std: STD,
+        labels: folder.classes.clone(),
+        k: fit.pca.k,
+        explained_variance: Some(fit.variance_kept as f32),
+        backbone_output: None,
+        files: BTreeMap::new(),
+        metrics: Some(manifest_metrics(&validation, test.as_ref(), &trained)),
+    };
+    write_manifest(&staging.dir, &mut manifest, &[BACKBONE, PCA, HEAD, HEAD_WEIGHTS])?;
+
+    let agreement = if options.skip_agreement {
+        None
+    } else {
+        let started = Instant::now();
+        let clean: Vec<(usize, &Item)> = val_items
+            .iter()
+            .enumerate()
+            .filter(|(_, item)| item.condition == Condition::Clean)
+            .collect();
+        let agreement = agree(&staging.dir, &clean, &val_predictions, preprocess, options, stop)?;
+        seconds.insert("agreement".to_string(), started.elapsed().as_secs_f64());
+        tracing::info!(
+            images = agreement.images,
+            same_top1 = agreement.same_top1,
+            fraction = format!("{:.4}", agreement.fraction),
+            "tract and tch compared on the clean validation images"
+        );
+        Some(agreement)
+    };
+    seconds.insert("total".to_string(), started.elapsed().as_secs_f64());
+
+    let mut images = BTreeMap::new();
+    for (split, items) in
+        [("train", &train_items), ("validation", &val_items), ("test", &test_items)]
+    {
+        let distinct: std::collections::HashSet<&Path> =
+            items.iter().map(|item| item.path.as_path()).collect();
+        images.insert(split.to_string(), distinct.len() as u64);
+    }
+    let report = Report {
+        bundle: name,
+        created: manifest.created.clone(),
+        classes: folder.classes.clone(),
+        options: options.clone(),
+        device: device_name(device),
+        images,
+        skipped_not_images: folder.skipped as u64 + test_folder_skipped(options.test.as_deref()),
+        unreadable,
+        feature_map: shape,
+        k: fit.pca.k,
+        variance_kept: fit.variance_kept,
+        pca_samples: fit.samples,
+        history: trained.history.clone(),
+        best_epoch: trained.best_epoch,
+        validation,
+        test,
+        agreement,
+        seconds,
+    };
+    let json = serde_json::to_vec_pretty(&report)
+        .map_err(|e| TrainError::Invalid(format!("cannot encode the report: {e}")))?;
+    write(REPORT, json)?;
+    let confusion_of = report.test.as_ref().unwrap_or(&report.validation);
+    let title = if report.test.is_some() { "TEST, CLEAN" } else { "VALIDATION, CLEAN" };
+    save_png(
+        &plot::confusion_png(&report.classes, &confusion_of.clean.confusion, title),
+        &staging.dir.join(CONFUSION_PNG),
+    )?;
+    save_png(
+        &plot::history_png(&report.history, report.best_epoch),
+        &staging.dir.join(HISTORY_PNG),
+    )?;
+    write_manifest(
+        &staging.dir,
+        &mut manifest,
+        &[BACKBONE, PCA, HEAD, HEAD_WEIGHTS, REPORT, CONFUSION_PNG, HISTORY_PNG],
+    )?;
+    if stop.load(Ordering::Relaxed) {
+        return Err(TrainError::Interrupted);
+    }
+    let mut staging = staging;
+    replace_dir(&staging.dir, out)?;
+    staging.keep = true;
+    Ok(Outcome { out: out.clone(), report })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Split {
+    Train,
+    Val,
+    Test,
+}
+
+fn read_test(dir: &Path, classes: &[String]) -> Result<Vec<Sample>, TrainError> {
+    let test = ImageFolder::read(dir)?;
+    if test.classes != classes {
+        return Err(TrainError::file(
+            dir,
+            format!(
+                "its classes [{}] are not the training classes [{}]",
+                test.classes.join(", "),
+                classes.join(", ")
+            ),
+        ));
+    }
+    Ok(test.samples)
+}
+
+fn test_folder_skipped(dir: Option<&Path>) -> u64 {
+    dir.and_then(|dir| ImageFolder::read(dir).ok()).map_or(0, |f| f.skipped as u64)
+}
+
+/// The `[2048,h,w]` shape of the trunk's feature map at this input size.
+fn probe_shape(trunk: &TorchTrunk, input_size: u32) -> Result<[usize; 3], TrainError> {
+    let s = i64::from(input_size);
+    let maps = trunk.forward(&Tensor::zeros([1, 3, s, s], (Kind::Float, Device::Cpu)))?;
+    let size = maps.size();
+    match size.as_slice() {
+        [1, c, h, w] if *c == FEATURE_CHANNELS as i64 => {
+            Ok([*c as usize, *h as usize, *w as usize])
+        }
+        _ => Err(TrainError::Invalid(format!("the trunk gave a feature map of shape {size:?}"))),
+    }
+}
+
+/// Splits the extraction results back into the three sets; images that failed are gathered
+/// once each.
+fn sort_out(
+    plan: &[(Split, &Sample, Condition)],
+    extracted: Vec<Extracted>,
+) -> ([Vec<Item>; 3], Vec<Unreadable>) {
+    let mut sets: [Vec<Item>; 3] = Default::default();
+    let mut unreadable: Vec<Unreadable> = Vec::new();
+    let mut seen: HashMap<PathBuf, ()> = HashMap::new();
+    for ((split, sample, condition), result) in plan.iter().zip(extracted) {
+        match result {
+            Ok(key) => {
+                let index = match split {
+                    Split::Train => 0,
+                    Split::Val => 1,
+                    Split::Test => 2,
+                };
+                sets[index].push(Item {
+                    key,
+                    label: sample.label,
+                    condition: *condition,
+                    path: sample.path.clone(),
+                });
+            }
+            Err(reason) => {
+                if seen.insert(sample.path.clone(), ()).is_none() {
+                    unreadable.push(Unreadable { path: sample.path.clone(), reason });
+                }
+            }
+        }
+    }
+    (sets, unreadable)
+}
+
+fn check_every_class(classes: &[String], items: &[Item], set: &str) -> Result<(), TrainError> {
+    let mut counts = vec![0usize; classes.len()];
+    for item in items {
+        counts[item.label] += 1;
+    }
+    let empty: Vec<&str> =
+        classes.iter().zip(&counts).filter(|(_, n)| **n == 0).map(|(c, _)| c.as_str()).collect();
+    if !empty.is_empty() {
+        return Err(TrainError::Invalid(format!(
+            "no readable {set} image left in class(es) {}",
+            empty.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// Projects the maps of `items` through the PCA (a 1×1 convolution) on `device`; the set
+/// lives on the CPU.
+fn project_set(
+    cache: &FeatureCache,
+    pca: &crate::model::pca::Pca,
+    items: &[Item],
+    device: Device,
+    stop: &AtomicBool,
+) -> Result<FeatureSet, TrainError> {
+    let (weight, bias) = pca.fold();
+    let k = pca.k as i64;
+    let weight = Tensor::from_slice(&weight).reshape([k, FEATURE_CHANNELS as i64, 1, 1]).to(device);
+    let bias = Tensor::from_slice(&bias).to(device);
+    let _no_grad = tch::no_grad_guard();
+    let mut parts = Vec::new();
+    for chunk in items.chunks(256) {
+        if stop.load(Ordering::Relaxed) {
+            return Err(TrainError::Interrupted);
+        }
+        let keys: Vec<RecordKey> = chunk.iter().map(|item| item.key).collect();
+        let maps = cache.read(&keys)?.f_to_device(device)?;
+        let projected = maps.f_conv2d(&weight, Some(&bias), [1, 1], [0, 0], [1, 1], 1)?;
+        parts.push(projected.f_to_device(Device::Cpu)?);
+    }
+    let features = if parts.is_empty() {
+        Tensor::zeros([0, k, 1, 1], (Kind::Float, Device::Cpu))
+    } else {
+        Tensor::f_cat(&parts, 0)?
+    };
+    let labels: Vec<i64> = items.iter().map(|item| item.label as i64).collect();
+    Ok(FeatureSet { features, labels: Tensor::from_slice(&labels) })
+}
+
+/// Scores a set per condition; also returns every item's predicted class.
+fn score(
+    weights: &crate::model::head::HeadWeights,
+    set: &FeatureSet,
+    items: &[Item],
+    classes: &[String],
+    conditions: &[Condition],
+    device: Device,
+) -> Result<(SetReport, Vec<usize>), TrainError> {
+    let (logits, losses) = head_fit::predict(weights, set, 256, device)?;
+    let predicted: Vec<i64> = Vec::<i64>::try_from(logits.f_argmax(-1, false)?)?;
+    let predicted: Vec<usize> = predicted.into_iter().map(|p| p as usize).collect();
+    let mut per_condition = Vec::new();
+    let mut clean = None;
+    for &condition in conditions {
+        let (mut truth, mut guess, mut loss) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, item) in items.iter().enumerate() {
+            if item.condition == condition {
+                truth.push(item.label);
+                guess.push(predicted[i]);
+                loss.push(losses[i]);
+            }
+        }
+        let evaluation = metrics::evaluate(classes, &truth, &guess, &loss);
+        per_condition.push(ConditionScore {
+            condition: condition.name().to_string(),
+            images: evaluation.images,
+            accuracy: evaluation.accuracy,
+            loss: evaluation.loss,
+        });
+        if condition == Condition::Clean {
+            clean = Some(evaluation);
+        }
+    }
+    let truth: Vec<usize> = items.iter().map(|item| item.label).collect();
+    let all = metrics::evaluate(classes, &truth, &predicted, &losses);
+    let report = SetReport {
+        clean: clean.unwrap_or_else(|| metrics::evaluate(classes, &[], &[], &[])),
+        conditions: per_condition,
+        all_conditions: ConditionScore {
+            condition: "all".into(),
+            images: all.images,
+            accuracy: all.accuracy,
+            loss: all.loss,
+        },
+    };
+    Ok((report, predicted))
+}
+
+fn manifest_metrics(
+    validation: &SetReport,
+    test: Option<&SetReport>,
+    trained: &head_fit::TrainedHead,
+) -> toml::Table {
+    let mut table = toml::Table::new();
+    table.insert("val_accuracy".into(), toml::Value::Float(validation.clean.accuracy));
+    table.insert("val_loss".into(), toml::Value::Float(validation.clean.loss));
+    table.insert(
+        "val_accuracy_all_conditions".into(),
+        toml::Value::Float(validation.all_conditions.accuracy),
+    );
+    if let Some(test) = test {
+        table.insert("test_accuracy".into(), toml::Value::Float(test.clean.accuracy));
+        table.insert("test_loss".into(), toml::Value::Float(test.clean.loss));
+    }
+    table.insert("best_epoch".into(), toml::Value::Integer(trained.best_epoch as i64));
+    table.insert("report".into(), toml::Value::String(REPORT.into()));
+    table
+}
+
+/// Writes `manifest.toml` listing `files` with their checksums, checked by the reader's rules.
+fn write_manifest(dir: &Path, manifest: &mut Manifest, files: &[&str]) -> Result<(), TrainError> {
+    manifest.files.clear();
+    for name in files {
+        manifest.files.insert(name.to_string(), sha256_file(&dir.join(name))?);
+    }
+    let text = manifest.to_toml()?;
+    let path = dir.join(MANIFEST);
+    Manifest::parse(&text, &path)?;
+    std::fs::write(&path, text).map_err(|e| TrainError::file(&path, e))
+}
+
+/// Opens the staged bundle on tract and runs every clean validation image through it.
+fn agree(
+    dir: &Path,
+    clean: &[(usize, &Item)],
+    tch_predictions: &[usize],
+    preprocess: Preprocess,
+    options: &TrainOptions,
+    stop: &AtomicBool,
+) -> Result<Agreement, TrainError> {
+    let bundle = Bundle::open(dir)?;
+    let mut backend = model::open_backend(&bundle, &BackendOptions::tract(options.threads))?;
+    let size = preprocess.size as usize;
+    let mut input = vec![0f32; 3 * size * size];
+    let (mut images, mut same) = (0u64, 0u64);
+    for (index, item) in clean {
+        if stop.load(Ordering::Relaxed) {
+            return Err(TrainError::Interrupted);
+        }
+        let frame = crate::preprocess::load_image(&item.path)
+            .map_err(|e| TrainError::file(&item.path, e))?;
+        preprocess
+            .try_write_tensor(&frame, &mut input)
+            .map_err(|e| TrainError::file(&item.path, e))?;
+        let (predictions, _) = backend.infer(&input, 1)?;
+        let scores = &predictions[0].scores;
+        let top = scores
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map_or(usize::MAX, |(i, _)| i);
+        images += 1;
+        if top == tch_predictions[*index] {
+            same += 1;
+        }
+    }
+    let fraction = if images == 0 { 1.0 } else { same as f64 / images as f64 };
+    Ok(Agreement { images, same_top1: same, fraction })
+}
+
+fn save_png(image: &image::RgbImage, path: &Path) -> Result<(), TrainError> {
+    image.save_with_format(path, image::ImageFormat::Png).map_err(|e| TrainError::file(path, e))
+}
+
+fn progress_bar(show: bool, length: u64, what: &str) -> ProgressBar {
+    if !show {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(length);
+    let style =
+        ProgressStyle::with_template("{msg:>22} [{bar:40}] {pos}/{len} ({per_sec}, {eta} left)")
+            .map(|style| style.progress_chars("=> "));
+    if let Ok(style) = style {
+        bar.set_style(style);
+    }
+    bar.set_message(what.to_string());
+    bar
+}
