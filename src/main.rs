@@ -126,6 +126,17 @@ struct TrainArgs {
         default_value = "clean,low-light,motion-blur,haze,overexposure"
     )]
     conditions: Vec<String>,
+    /// Train the trunk before fitting the PCA and the head: `none` (keep it frozen),
+    /// `last-stage` (layer4) or `all`. The trained trunk is written as the bundle's
+    /// backbone.onnx.
+    #[arg(long, default_value = "none")]
+    train_backbone: String,
+    /// Epochs of trunk training.
+    #[arg(long, default_value_t = 5)]
+    backbone_epochs: usize,
+    /// Peak learning rate of trunk training (AdamW, cosine schedule).
+    #[arg(long, default_value_t = 1e-3)]
+    backbone_lr: f64,
     /// Feature cache directory (default: ~/.cache/edgesight/features).
     #[arg(long)]
     cache: Option<PathBuf>,
@@ -340,6 +351,7 @@ fn classify(
 fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
     use edgesight::train::conditions::Condition;
     use edgesight::train::run::{self, TrainOptions};
+    use edgesight::train::trunk_fit::TrainBackbone;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -353,6 +365,9 @@ fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
             ),
         }
     }
+    let Some(train_backbone) = TrainBackbone::parse(&args.train_backbone) else {
+        anyhow::bail!("--train-backbone: {:?} is not none, last-stage or all", args.train_backbone);
+    };
     let options = TrainOptions {
         data: args.data,
         out: args.out,
@@ -370,6 +385,9 @@ fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
         device: args.device,
         seed: args.seed,
         conditions,
+        train_backbone,
+        backbone_epochs: args.backbone_epochs,
+        backbone_lr: args.backbone_lr,
         cache: args.cache.unwrap_or_else(|| service::cache_dir().join("features")),
         threads: args.threads,
         skip_agreement: args.skip_agreement,

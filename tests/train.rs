@@ -306,3 +306,47 @@ fn ctrl_c_stops_the_run_and_leaves_no_bundle() {
     assert!(!out.exists());
     assert_only(dir.path(), &["cache", "data", "train.log"]);
 }
+
+#[test]
+fn a_trained_trunk_goes_back_into_the_bundle_and_tract_runs_it() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    small_folder(dir.path(), 24);
+    let (data, out, cache) =
+        (dir.path().join("data"), dir.path().join("bundle"), dir.path().join("cache"));
+    let args = [
+        "--train-backbone",
+        "last-stage",
+        "--backbone-epochs",
+        "2",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "8",
+        "--conditions",
+        "clean,low-light",
+        "--val-split",
+        "0.25",
+    ];
+    let output = run(&mut train(&data, &out, &cache, &args));
+    let stderr = text(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("backbone epoch"), "{stderr}");
+
+    let report = read_json(&out.join("report.json"));
+    let trunk = &report["backbone_training"];
+    assert_eq!(trunk["scope"], "last-stage");
+    assert_eq!(trunk["history"].as_array().map(Vec::len), Some(2));
+    assert!(report["agreement"]["fraction"].as_f64().unwrap() >= 0.995, "{}", report["agreement"]);
+    assert!(out.join("backbone-training.png").is_file());
+
+    // The written trunk is not the synthetic one it started from.
+    let synth = dir.path().join("synth");
+    let made = run(edgesight().args(["model", "synth", "--input-size", "32", "--out"]).arg(&synth));
+    assert!(made.status.success());
+    let trained = std::fs::read(out.join("backbone.onnx")).unwrap();
+    assert_ne!(trained, std::fs::read(synth.join("backbone.onnx")).unwrap());
+    let verify = run(edgesight().args(["model", "verify"]).arg(&out));
+    assert!(verify.status.success(), "verify: {}", text(&verify.stderr));
+    // Its maps went to a scratch cache, gone now; the shared cache was not touched.
+    assert_only(dir.path(), &["bundle", "data", "synth"]);
+}

@@ -26,6 +26,7 @@ use tch::{Device, Kind, Tensor};
 use super::TrainError;
 use super::conditions::Condition;
 use crate::model::FEATURE_CHANNELS;
+use crate::model::TractBackbone;
 use crate::model::torch_backend::TorchTrunk;
 use crate::preprocess::{Frame, Preprocess, load_image};
 
@@ -203,9 +204,47 @@ pub struct Request {
 /// be used.
 pub type Extracted = Result<RecordKey, String>;
 
+/// The trunk that makes the feature maps: libtorch, or tract for a graph libtorch's reader
+/// does not take (an operator outside ResNet-50's Conv, BatchNormalization, Relu, MaxPool, Add).
+pub enum Trunk {
+    Torch(TorchTrunk),
+    Tract(Box<TractBackbone>),
+}
+
+impl Trunk {
+    /// `[n,2048,h,w]` f32 on the CPU for `n` preprocessed frames.
+    pub fn forward(&mut self, input: &[f32], n: usize, size: u32) -> Result<Tensor, TrainError> {
+        let s = i64::from(size);
+        match self {
+            Trunk::Torch(trunk) => {
+                let batch = Tensor::from_slice(input).f_reshape([n as i64, 3, s, s])?;
+                let maps = trunk.forward(&batch)?;
+                Ok(maps.f_to_device(Device::Cpu)?.f_to_kind(Kind::Float)?.f_contiguous()?)
+            }
+            Trunk::Tract(trunk) => {
+                let h = trunk.feature_size() as i64;
+                let maps = trunk.features(input, n)?;
+                Ok(Tensor::from_slice(&maps).f_reshape([
+                    n as i64,
+                    FEATURE_CHANNELS as i64,
+                    h,
+                    h,
+                ])?)
+            }
+        }
+    }
+
+    pub fn library(&self) -> &'static str {
+        match self {
+            Trunk::Torch(_) => "libtorch",
+            Trunk::Tract(_) => "tract",
+        }
+    }
+}
+
 /// Runs the trunk over images and fills the cache.
 pub struct Extractor<'a> {
-    pub trunk: &'a TorchTrunk,
+    pub trunk: &'a mut Trunk,
     pub preprocess: Preprocess,
     /// Images per forward pass.
     pub batch: usize,
@@ -220,7 +259,7 @@ impl Extractor<'_> {
     /// its record key or the reason it failed. `progress` is called with the requests done so
     /// far; a raised `stop` ends the work between batches.
     pub fn extract(
-        &self,
+        &mut self,
         cache: &mut FeatureCache,
         requests: &[Request],
         stop: &AtomicBool,
@@ -246,15 +285,7 @@ impl Extractor<'_> {
                 }
             }
             if !misses.is_empty() {
-                let size = i64::from(self.preprocess.size);
-                let batch =
-                    Tensor::from_slice(&inputs).reshape([misses.len() as i64, 3, size, size]);
-                let maps = self.trunk.forward(&batch).map_err(TrainError::Model)?;
-                let maps = maps
-                    .f_to_device(Device::Cpu)
-                    .and_then(|m| m.f_to_kind(Kind::Float))
-                    .and_then(|m| m.f_contiguous())
-                    .map_err(TrainError::Torch)?;
+                let maps = self.trunk.forward(&inputs, misses.len(), self.preprocess.size)?;
                 check_shape(&maps, cache.shape)?;
                 let count = maps.numel();
                 let mut values = vec![0f32; count];
@@ -272,33 +303,43 @@ impl Extractor<'_> {
         Ok(out)
     }
 
-    /// Reads, hashes and (for keys the cache lacks) decodes and preprocesses a batch, spread
-    /// over the decoding threads.
     fn prepare(&self, chunk: &[Request], cache: &FeatureCache) -> Vec<Prepared> {
-        let threads = self.threads.clamp(1, chunk.len().max(1));
-        let per_thread = chunk.len().div_ceil(threads);
-        let (preprocess, seed) = (self.preprocess, self.seed);
-        std::thread::scope(|scope| {
-            let handles: Vec<_> = chunk
-                .chunks(per_thread.max(1))
-                .map(|part| {
-                    scope.spawn(move || {
-                        part.iter()
-                            .map(|request| prepare_one(preprocess, seed, request, cache))
-                            .collect()
-                    })
-                })
-                .collect();
-            handles
-                .into_iter()
-                .flat_map(|handle| {
-                    handle
-                        .join()
-                        .unwrap_or_else(|_| vec![Prepared::Bad("the decoder panicked".to_string())])
-                })
-                .collect::<Vec<_>>()
-        })
+        prepare_chunk(chunk, self.preprocess, self.seed, self.threads, Some(cache))
     }
+}
+
+/// Reads, hashes and (for keys the cache lacks) decodes and preprocesses a batch, spread over
+/// `threads` threads.
+fn prepare_chunk(
+    chunk: &[Request],
+    preprocess: Preprocess,
+    seed: u64,
+    threads: usize,
+    cache: Option<&FeatureCache>,
+) -> Vec<Prepared> {
+    let threads = threads.clamp(1, chunk.len().max(1));
+    let per_thread = chunk.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = chunk
+            .chunks(per_thread.max(1))
+            .map(|part| {
+                let handle = scope.spawn(move || -> Vec<Prepared> {
+                    part.iter()
+                        .map(|request| prepare_one(preprocess, seed, request, cache))
+                        .collect()
+                });
+                (part.len(), handle)
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|(count, handle)| {
+                handle.join().unwrap_or_else(|_| {
+                    (0..count).map(|_| Prepared::Bad("the decoder panicked".to_string())).collect()
+                })
+            })
+            .collect::<Vec<_>>()
+    })
 }
 
 /// Reads and hashes one image; decodes, conditions and preprocesses it when the cache lacks it.
@@ -306,14 +347,14 @@ fn prepare_one(
     preprocess: Preprocess,
     seed: u64,
     request: &Request,
-    cache: &FeatureCache,
+    cache: Option<&FeatureCache>,
 ) -> Prepared {
     let bytes = match std::fs::read(&request.path) {
         Ok(bytes) => bytes,
         Err(error) => return Prepared::Bad(error.to_string()),
     };
     let key = record_key(&bytes, request.condition, seed);
-    if cache.contains(&key) {
+    if cache.is_some_and(|cache| cache.contains(&key)) {
         return Prepared::Hit(key);
     }
     let frame = match load_image(&request.path) {
@@ -330,6 +371,51 @@ fn prepare_one(
         Ok(()) => Prepared::Miss(key, tensor),
         Err(error) => Prepared::Bad(error.to_string()),
     }
+}
+
+/// Decodes, conditions and preprocesses images without running the trunk (the input of trunk
+/// training): a `[n,3,S,S]` half-precision tensor on the CPU of the images that decoded, and
+/// per request whether it did (with the reason when not).
+pub fn load_images(
+    requests: &[Request],
+    preprocess: Preprocess,
+    seed: u64,
+    threads: usize,
+    stop: &AtomicBool,
+    mut progress: impl FnMut(usize),
+) -> Result<(Tensor, Vec<Extracted>), TrainError> {
+    let size = i64::from(preprocess.size);
+    let mut parts = Vec::new();
+    let mut outcomes = Vec::with_capacity(requests.len());
+    for chunk in requests.chunks(256) {
+        if stop.load(Ordering::Relaxed) {
+            return Err(TrainError::Interrupted);
+        }
+        let mut values = Vec::new();
+        let mut count = 0;
+        for prepared in prepare_chunk(chunk, preprocess, seed, threads, None) {
+            match prepared {
+                Prepared::Miss(key, tensor) => {
+                    values.extend_from_slice(&tensor);
+                    count += 1;
+                    outcomes.push(Ok(key));
+                }
+                Prepared::Hit(key) => outcomes.push(Ok(key)),
+                Prepared::Bad(reason) => outcomes.push(Err(reason)),
+            }
+        }
+        if count > 0 {
+            let part = Tensor::from_slice(&values).f_reshape([count, 3, size, size])?;
+            parts.push(part.f_to_kind(Kind::Half)?);
+        }
+        progress(outcomes.len());
+    }
+    let images = if parts.is_empty() {
+        Tensor::zeros([0, 3, size, size], (Kind::Half, Device::Cpu))
+    } else {
+        Tensor::f_cat(&parts, 0)?
+    };
+    Ok((images, outcomes))
 }
 
 enum Prepared {

@@ -19,6 +19,8 @@ pub mod pca_fit;
 pub mod plot;
 #[cfg(feature = "torch")]
 pub mod run;
+#[cfg(feature = "torch")]
+pub mod trunk_fit;
 
 /// Why a training run failed.
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +42,9 @@ pub enum TrainError {
     #[cfg(feature = "torch")]
     #[error(transparent)]
     Head(#[from] head_fit::HeadError),
+    #[cfg(feature = "torch")]
+    #[error(transparent)]
+    Trunk(#[from] trunk_fit::TrunkError),
     #[error("stopped before the end; nothing was written to the output directory")]
     Interrupted,
 }

@@ -22,13 +22,17 @@ use tch::{Device, Kind, Tensor};
 
 use super::TrainError;
 use super::conditions::Condition;
-use super::features::{Extracted, Extractor, FeatureCache, RecordKey, Request, trunk_key};
+use super::features::{
+    Extracted, Extractor, FeatureCache, RecordKey, Request, Trunk, load_images, trunk_key,
+};
 use super::folder::{ImageFolder, Sample};
 use super::head_fit::{self, EpochRecord, FeatureSet, HeadOptions};
 use super::metrics::{self, Evaluation};
 use super::pca_fit::PcaAccumulator;
 use super::plot;
+use super::trunk_fit::{self, ImageSet, TrainBackbone, TrunkOptions};
 use crate::model::bundle::{BACKBONE, HEAD, HEAD_WEIGHTS, MANIFEST, Manifest, PCA, sha256_file};
+use crate::model::resnet::{GraphStyle, Naming, ResNet50, Tail, write_graph};
 use crate::model::synth::{VariantOptions, replace_dir, sibling, write_resnet50_variant};
 use crate::model::torch_backend::{TorchTrunk, device_name, resolve_device};
 use crate::model::{self, BackendOptions, Bundle, FEATURE_CHANNELS};
@@ -37,6 +41,7 @@ use crate::preprocess::Preprocess;
 pub const REPORT: &str = "report.json";
 pub const CONFUSION_PNG: &str = "confusion.png";
 pub const HISTORY_PNG: &str = "training.png";
+pub const BACKBONE_PNG: &str = "backbone-training.png";
 
 /// ImageNet normalisation, what the ResNet-50 trunk expects.
 const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
@@ -64,6 +69,12 @@ pub struct TrainOptions {
     /// Conditions of the evaluation axis and the augmentation (clean is always evaluated).
     #[serde(serialize_with = "condition_names")]
     pub conditions: Vec<Condition>,
+    /// Which part of the trunk to train before the PCA and the head.
+    pub train_backbone: TrainBackbone,
+    /// Epochs of trunk training.
+    pub backbone_epochs: usize,
+    /// Peak learning rate of trunk training.
+    pub backbone_lr: f64,
     /// Feature cache directory.
     pub cache: PathBuf,
     /// CPU threads for libtorch and decoding; 0 = one per core.
@@ -109,6 +120,17 @@ impl TrainOptions {
                 "--max-components {} is not in 1..={FEATURE_CHANNELS}",
                 self.max_components
             ));
+        }
+        if self.train_backbone != TrainBackbone::None {
+            if self.backbone_epochs == 0 {
+                problems.push("--backbone-epochs must be at least 1".into());
+            }
+            if !(self.backbone_lr.is_finite() && self.backbone_lr > 0.0) {
+                problems.push(format!("--backbone-lr {} must be above 0", self.backbone_lr));
+            }
+            if self.batch_size == 1 {
+                problems.push("--batch-size must be at least 2 to train the backbone".into());
+            }
         }
         if !model::is_device(&self.device) {
             problems.push(format!("--device {:?} is not auto, cpu, cuda or cuda:N", self.device));
@@ -163,6 +185,16 @@ pub struct Agreement {
     pub fraction: f64,
 }
 
+/// How the trunk was trained (`--train-backbone`).
+#[derive(Debug, Clone, Serialize)]
+pub struct BackboneTraining {
+    pub scope: TrainBackbone,
+    /// Loss and accuracy of the temporary classifier behind the trunk.
+    pub history: Vec<EpochRecord>,
+    pub best_epoch: usize,
+    pub seconds: f64,
+}
+
 /// `report.json`.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -180,6 +212,7 @@ pub struct Report {
     pub k: usize,
     pub variance_kept: f64,
     pub pca_samples: u64,
+    pub backbone_training: Option<BackboneTraining>,
     pub history: Vec<EpochRecord>,
     pub best_epoch: usize,
     pub validation: SetReport,
@@ -256,42 +289,94 @@ pub fn train(options: &TrainOptions, stop: &AtomicBool) -> Result<Outcome, Train
         tch::set_num_threads(options.threads as i32);
     }
     let device = resolve_device(&options.device)?;
-    let trunk = match &options.backbone {
-        Some(path) => {
-            let trunk = TorchTrunk::open(path, options.input_size, None, device, Kind::Float)?;
-            std::fs::copy(path, &backbone_path).map_err(|e| TrainError::file(path, e))?;
-            trunk
-        }
-        None => {
-            let variant = VariantOptions::torchvision(0, options.input_size);
-            write_resnet50_variant(&backbone_path, &variant)?;
-            TorchTrunk::open(&backbone_path, options.input_size, None, device, Kind::Float)?
-        }
-    };
     let preprocess = Preprocess { size: options.input_size, mean: MEAN, std: STD };
-    let shape = probe_shape(&trunk, options.input_size)?;
+
+    // The conditions: every validation and test image is scored under each; every training
+    // image is used clean and under one drawn condition.
+    let evaluated = options.evaluated_conditions();
+    let augment: Vec<Condition> =
+        evaluated.iter().copied().filter(|c| *c != Condition::Clean).collect();
+    let mut draw = crate::model::prng::Rng::derive(options.seed, "augmentation");
+    let drawn: Vec<Option<Condition>> = train_samples
+        .iter()
+        .map(|_| {
+            (!augment.is_empty())
+                .then(|| augment[(draw.next_u64() % augment.len() as u64) as usize])
+        })
+        .collect();
+
+    let (mut trunk, backbone_training) = if options.train_backbone == TrainBackbone::None {
+        match &options.backbone {
+            Some(path) => {
+                let trunk = open_trunk(path, options.input_size, device)?;
+                std::fs::copy(path, &backbone_path).map_err(|e| TrainError::file(path, e))?;
+                (trunk, None)
+            }
+            None => {
+                let variant = VariantOptions::torchvision(0, options.input_size);
+                write_resnet50_variant(&backbone_path, &variant)?;
+                (open_trunk(&backbone_path, options.input_size, device)?, None)
+            }
+        }
+    } else {
+        let started = Instant::now();
+        let trained = train_backbone(
+            options,
+            (&train_samples, &drawn),
+            &val_samples,
+            folder.classes.len(),
+            preprocess,
+            device,
+            stop,
+        )?;
+        let style = GraphStyle {
+            naming: Naming::Torchvision,
+            opset: 17,
+            fold_bn: false,
+            batch: None,
+            input_size: options.input_size,
+            tail: Tail::None,
+        };
+        let (graph, _) = write_graph(&trained.net, &style);
+        std::fs::write(&backbone_path, crate::model::onnx::encode(&graph))
+            .map_err(|e| TrainError::file(&backbone_path, e))?;
+        let trunk = Trunk::Torch(TorchTrunk::open(
+            &backbone_path,
+            options.input_size,
+            None,
+            device,
+            Kind::Float,
+        )?);
+        let report = BackboneTraining {
+            scope: options.train_backbone,
+            best_epoch: trained.best_epoch,
+            history: trained.history,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        seconds.insert("backbone".to_string(), report.seconds);
+        (trunk, Some(report))
+    };
+    let shape = probe_shape(&mut trunk, options.input_size)?;
     let key = trunk_key(&sha256_file(&backbone_path)?, &preprocess);
-    let mut cache = FeatureCache::open(&options.cache, &key, shape)?;
+    // A trained trunk is new every run: its maps go to a scratch cache removed at the end
+    // rather than filling the shared one with records nothing will read again.
+    let scratch = Staging { dir: sibling(out, "features")?, keep: false };
+    let cache_dir = if backbone_training.is_some() { &scratch.dir } else { &options.cache };
+    let mut cache = FeatureCache::open(cache_dir, &key, shape)?;
     tracing::info!(
         device = %device_name(device),
+        library = trunk.library(),
         feature_map = ?shape,
         cache = %cache.path().display(),
         cached = cache.len(),
         "backbone ready"
     );
 
-    // Requests: training images clean and under one drawn condition; validation and test
-    // images under every evaluated condition.
-    let evaluated = options.evaluated_conditions();
-    let augment: Vec<Condition> =
-        evaluated.iter().copied().filter(|c| *c != Condition::Clean).collect();
-    let mut draw = crate::model::prng::Rng::derive(options.seed, "augmentation");
     let mut plan: Vec<(Split, &Sample, Condition)> = Vec::new();
-    for sample in &train_samples {
+    for (sample, drawn) in train_samples.iter().zip(&drawn) {
         plan.push((Split::Train, sample, Condition::Clean));
-        if !augment.is_empty() {
-            let pick = augment[(draw.next_u64() % augment.len() as u64) as usize];
-            plan.push((Split::Train, sample, pick));
+        if let Some(condition) = drawn {
+            plan.push((Split::Train, sample, *condition));
         }
     }
     for (split, samples) in [(Split::Val, Some(&val_samples)), (Split::Test, test_samples.as_ref())]
@@ -309,16 +394,18 @@ pub fn train(options: &TrainOptions, stop: &AtomicBool) -> Result<Outcome, Train
 
     let extract_started = Instant::now();
     let bar = progress_bar(options.progress, requests.len() as u64, "features");
-    let extractor = Extractor {
-        trunk: &trunk,
+    let mut extractor = Extractor {
+        trunk: &mut trunk,
         preprocess,
         batch: 32,
         threads: model::thread_count(options.threads),
         seed: options.seed,
     };
     let mut cached = 0;
+    let mut milestones = Milestones::new("feature maps", requests.len() as u64);
     let extracted = extractor.extract(&mut cache, &requests, stop, |done, hits| {
         cached = hits;
+        milestones.reach(done as u64);
         bar.set_position(done as u64);
         bar.set_message(format!("features ({hits} cached)"));
     })?;
@@ -477,6 +564,7 @@ pub fn train(options: &TrainOptions, stop: &AtomicBool) -> Result<Outcome, Train
         k: fit.pca.k,
         variance_kept: fit.variance_kept,
         pca_samples: fit.samples,
+        backbone_training,
         history: trained.history.clone(),
         best_epoch: trained.best_epoch,
         validation,
@@ -497,11 +585,13 @@ pub fn train(options: &TrainOptions, stop: &AtomicBool) -> Result<Outcome, Train
         &plot::history_png(&report.history, report.best_epoch),
         &staging.dir.join(HISTORY_PNG),
     )?;
-    write_manifest(
-        &staging.dir,
-        &mut manifest,
-        &[BACKBONE, PCA, HEAD, HEAD_WEIGHTS, REPORT, CONFUSION_PNG, HISTORY_PNG],
-    )?;
+    let mut files = vec![BACKBONE, PCA, HEAD, HEAD_WEIGHTS, REPORT, CONFUSION_PNG, HISTORY_PNG];
+    if let Some(trunk) = &report.backbone_training {
+        let picture = plot::history_png(&trunk.history, trunk.best_epoch);
+        save_png(&picture, &staging.dir.join(BACKBONE_PNG))?;
+        files.push(BACKBONE_PNG);
+    }
+    write_manifest(&staging.dir, &mut manifest, &files)?;
     if stop.load(Ordering::Relaxed) {
         return Err(TrainError::Interrupted);
     }
@@ -509,6 +599,136 @@ pub fn train(options: &TrainOptions, stop: &AtomicBool) -> Result<Outcome, Train
     replace_dir(&staging.dir, out)?;
     staging.keep = true;
     Ok(Outcome { out: out.clone(), report })
+}
+
+/// A trunk trained by [`train_backbone`].
+struct TrainedTrunk {
+    net: ResNet50,
+    history: Vec<EpochRecord>,
+    best_epoch: usize,
+}
+
+/// Decodes the training images (clean and under their drawn condition) and the clean
+/// validation images, and trains the trunk on them (`--train-backbone`).
+fn train_backbone(
+    options: &TrainOptions,
+    (train_samples, drawn): (&[Sample], &[Option<Condition>]),
+    val_samples: &[Sample],
+    classes: usize,
+    preprocess: Preprocess,
+    device: Device,
+    stop: &AtomicBool,
+) -> Result<TrainedTrunk, TrainError> {
+    let mut net = match &options.backbone {
+        Some(path) => trunk_fit::resnet_from_onnx(path)?,
+        None => ResNet50::generate(0),
+    };
+    let threads = model::thread_count(options.threads);
+    let varied = drawn.iter().any(Option::is_some);
+    let mut requests = Vec::new();
+    for (sample, condition) in train_samples.iter().zip(drawn) {
+        requests.push(Request { path: sample.path.clone(), condition: Condition::Clean });
+        if varied {
+            let condition = condition.unwrap_or(Condition::Clean);
+            requests.push(Request { path: sample.path.clone(), condition });
+        }
+    }
+    let bar = progress_bar(options.progress, requests.len() as u64, "decoding");
+    let (images, outcomes) =
+        load_images(&requests, preprocess, options.seed, threads, stop, |n| {
+            bar.set_position(n as u64)
+        })?;
+    bar.finish_and_clear();
+    // Row of each decoded request in `images`; a training image is used when all its variants
+    // decoded (the ones that did not are reported by the extraction that follows).
+    let mut rows = Vec::with_capacity(outcomes.len());
+    let mut next = 0i64;
+    for outcome in &outcomes {
+        rows.push(outcome.is_ok().then(|| {
+            next += 1;
+            next - 1
+        }));
+    }
+    let per_sample = if varied { 2 } else { 1 };
+    let (mut clean_rows, mut varied_rows, mut labels) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, sample) in train_samples.iter().enumerate() {
+        let own = &rows[i * per_sample..(i + 1) * per_sample];
+        if own.iter().all(Option::is_some) {
+            clean_rows.push(own[0].unwrap_or_default());
+            varied_rows.push(own[per_sample - 1].unwrap_or_default());
+            labels.push(sample.label as i64);
+        }
+    }
+    let pick = |rows: &[i64]| images.f_index_select(0, &Tensor::from_slice(rows));
+    let train = ImageSet {
+        clean: pick(&clean_rows)?,
+        varied: if varied { Some(pick(&varied_rows)?) } else { None },
+        labels: Tensor::from_slice(&labels),
+    };
+    drop(images);
+    let val_requests: Vec<Request> = val_samples
+        .iter()
+        .map(|s| Request { path: s.path.clone(), condition: Condition::Clean })
+        .collect();
+    let (val_images, val_outcomes) =
+        load_images(&val_requests, preprocess, options.seed, threads, stop, |_| {})?;
+    let val_labels: Vec<i64> = val_samples
+        .iter()
+        .zip(&val_outcomes)
+        .filter(|(_, outcome)| outcome.is_ok())
+        .map(|(s, _)| s.label as i64)
+        .collect();
+    let val = ImageSet { clean: val_images, varied: None, labels: Tensor::from_slice(&val_labels) };
+    tracing::info!(
+        scope = ?options.train_backbone,
+        images = labels.len(),
+        validation = val_labels.len(),
+        epochs = options.backbone_epochs,
+        "training the backbone"
+    );
+
+    let trunk_options = TrunkOptions {
+        scope: options.train_backbone,
+        classes,
+        epochs: options.backbone_epochs,
+        batch_size: options.batch_size,
+        lr: options.backbone_lr,
+        weight_decay: options.weight_decay,
+        seed: options.seed,
+        device,
+    };
+    let total = (options.backbone_epochs * labels.len()) as u64;
+    let bar = progress_bar(options.progress, total, "backbone");
+    let mut milestones = Milestones::new("backbone training", total);
+    let history = trunk_fit::train_trunk(
+        &mut net,
+        &train,
+        &val,
+        &trunk_options,
+        stop,
+        |r| {
+            tracing::info!(
+                epoch = r.epoch,
+                train_loss = format!("{:.4}", r.train_loss),
+                train_accuracy = format!("{:.4}", r.train_accuracy),
+                val_loss = format!("{:.4}", r.val_loss),
+                val_accuracy = format!("{:.4}", r.val_accuracy),
+                "backbone epoch"
+            );
+        },
+        |n| {
+            bar.inc(n as u64);
+            milestones.reach(bar.position());
+        },
+    )
+    .map_err(|e| match e {
+        trunk_fit::TrunkError::Stopped => TrainError::Interrupted,
+        other => TrainError::Trunk(other),
+    })?;
+    bar.finish_and_clear();
+    let best_epoch =
+        history.iter().min_by(|a, b| a.val_loss.total_cmp(&b.val_loss)).map_or(0, |r| r.epoch);
+    Ok(TrainedTrunk { net, history, best_epoch })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -538,15 +758,40 @@ fn test_folder_skipped(dir: Option<&Path>) -> u64 {
 }
 
 /// The `[2048,h,w]` shape of the trunk's feature map at this input size.
-fn probe_shape(trunk: &TorchTrunk, input_size: u32) -> Result<[usize; 3], TrainError> {
-    let s = i64::from(input_size);
-    let maps = trunk.forward(&Tensor::zeros([1, 3, s, s], (Kind::Float, Device::Cpu)))?;
+fn probe_shape(trunk: &mut Trunk, input_size: u32) -> Result<[usize; 3], TrainError> {
+    let s = input_size as usize;
+    let maps = trunk.forward(&vec![0f32; 3 * s * s], 1, input_size)?;
     let size = maps.size();
     match size.as_slice() {
         [1, c, h, w] if *c == FEATURE_CHANNELS as i64 => {
             Ok([*c as usize, *h as usize, *w as usize])
         }
         _ => Err(TrainError::Invalid(format!("the trunk gave a feature map of shape {size:?}"))),
+    }
+}
+
+/// The trunk on libtorch; on tract when libtorch's graph reader refuses the file for a reason
+/// other than it not being a ResNet-50 (an operator it does not implement), since tract runs
+/// any ONNX graph. Feature extraction is then slower, and the error says why.
+fn open_trunk(path: &Path, input_size: u32, device: Device) -> Result<Trunk, TrainError> {
+    let torch_error = match TorchTrunk::open(path, input_size, None, device, Kind::Float) {
+        Ok(trunk) => return Ok(Trunk::Torch(trunk)),
+        Err(error) => error,
+    };
+    let message = torch_error.to_string();
+    if message.contains("not a ResNet-50") {
+        return Err(torch_error.into());
+    }
+    match crate::model::TractBackbone::open(path, input_size, None) {
+        Ok(trunk) => {
+            tracing::warn!(
+                backbone = %path.display(),
+                reason = %message,
+                "libtorch cannot run this backbone; extracting features with tract (CPU, slower)"
+            );
+            Ok(Trunk::Tract(Box::new(trunk)))
+        }
+        Err(_) => Err(torch_error.into()),
     }
 }
 
@@ -758,6 +1003,38 @@ fn save_png(image: &image::RgbImage, path: &Path) -> Result<(), TrainError> {
     image.save_with_format(path, image::ImageFormat::Png).map_err(|e| TrainError::file(path, e))
 }
 
+/// Logs every tenth of a long step, for runs whose stderr is a log rather than a terminal.
+struct Milestones {
+    what: &'static str,
+    total: u64,
+    logged: u64,
+    started: Instant,
+}
+
+impl Milestones {
+    fn new(what: &'static str, total: u64) -> Milestones {
+        Milestones { what, total: total.max(1), logged: 0, started: Instant::now() }
+    }
+
+    fn reach(&mut self, done: u64) {
+        let tenth = done * 10 / self.total;
+        if tenth > self.logged && tenth < 10 {
+            self.logged = tenth;
+            let elapsed = self.started.elapsed().as_secs_f64();
+            let left = elapsed * (self.total - done) as f64 / done.max(1) as f64;
+            tracing::info!(
+                done,
+                total = self.total,
+                elapsed_s = elapsed.round(),
+                left_s = left.round(),
+                "{} {} %",
+                self.what,
+                tenth * 10
+            );
+        }
+    }
+}
+
 fn progress_bar(show: bool, length: u64, what: &str) -> ProgressBar {
     if !show {
         return ProgressBar::hidden();
@@ -771,4 +1048,63 @@ fn progress_bar(show: bool, length: u64, what: &str) -> ProgressBar {
     }
     bar.set_message(what.to_string());
     bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tract_onnx::pb::{NodeProto, TensorProto};
+
+    /// A ResNet-50 with one operator libtorch's reader lacks (a Mul by 1 after the stem) is
+    /// extracted on tract, with the same maps; a file that is not a ResNet-50 is still refused.
+    #[test]
+    fn a_graph_libtorch_cannot_read_falls_back_to_tract() {
+        let dir = tempfile::tempdir().unwrap();
+        let plain = dir.path().join("plain.onnx");
+        write_resnet50_variant(&plain, &VariantOptions::torchvision(2, 32)).unwrap();
+        let mut proto = crate::model::onnx::read_model(&plain).unwrap();
+        let graph = proto.graph.as_mut().unwrap();
+        let pool = graph.node.iter().position(|n| n.op_type == "MaxPool").unwrap();
+        let input = graph.node[pool].input[0].clone();
+        graph.initializer.push(TensorProto {
+            name: "one".into(),
+            data_type: 1,
+            float_data: vec![1.0],
+            ..Default::default()
+        });
+        graph.node.insert(
+            pool,
+            NodeProto {
+                name: "scale".into(),
+                op_type: "Mul".into(),
+                input: vec![input, "one".into()],
+                output: vec!["scaled".into()],
+                ..Default::default()
+            },
+        );
+        graph.node[pool + 1].input[0] = "scaled".into();
+        let odd = dir.path().join("odd.onnx");
+        std::fs::write(&odd, crate::model::onnx::encode(&proto)).unwrap();
+
+        let mut torch = open_trunk(&plain, 32, Device::Cpu).unwrap();
+        let mut tract = open_trunk(&odd, 32, Device::Cpu).unwrap();
+        assert_eq!((torch.library(), tract.library()), ("libtorch", "tract"));
+        assert_eq!(probe_shape(&mut tract, 32).unwrap(), [FEATURE_CHANNELS, 1, 1]);
+        let input: Vec<f32> = (0..2 * 3 * 32 * 32).map(|i| ((i % 13) as f32 - 6.0) / 4.0).collect();
+        let a = torch.forward(&input, 2, 32).unwrap();
+        let b = tract.forward(&input, 2, 32).unwrap();
+        let error = (&a - &b).abs().max().double_value(&[]);
+        let scale = a.abs().max().double_value(&[]);
+        assert!(error <= 1e-3 * scale.max(1.0), "{error} vs scale {scale}");
+
+        let synth = dir.path().join("synth");
+        crate::model::synth::write_bundle(
+            &synth,
+            &crate::model::SynthOptions { input_size: 32, ..Default::default() },
+        )
+        .unwrap();
+        let head = synth.join(HEAD);
+        let error = open_trunk(&head, 32, Device::Cpu).err().unwrap().to_string();
+        assert!(error.contains("head.onnx"), "{error}");
+    }
 }
