@@ -249,7 +249,7 @@ pub fn predict(
         let y = set.labels.f_narrow(0, start as i64, size)?.f_to_device(device)?;
         let out = net.forward(&x);
         let loss = out.f_cross_entropy_loss::<Tensor>(&y, None, tch::Reduction::None, -100, 0.0)?;
-        losses.extend(to_f64s(&loss)?);
+        losses.extend(super::host_values::<f64>(&loss)?);
         logits.push(out.f_to_device(Device::Cpu)?);
     }
     let logits = if logits.is_empty() {
@@ -258,14 +258,6 @@ pub fn predict(
         Tensor::f_cat(&logits, 0)?
     };
     Ok((logits, losses))
-}
-
-fn to_f64s(tensor: &Tensor) -> Result<Vec<f64>, tch::TchError> {
-    let tensor = tensor.f_to_kind(Kind::Double)?.f_contiguous()?.f_to_device(Device::Cpu)?;
-    let count = tensor.numel();
-    let mut out = vec![0f64; count];
-    tensor.f_copy_data(&mut out, count)?;
-    Ok(out)
 }
 
 /// The variables of `vs` as [`HeadWeights`] in file order.

@@ -49,6 +49,19 @@ pub enum TrainError {
     Interrupted,
 }
 
+/// The values of `tensor` as a vector of `T` on the host (converted, made contiguous).
+#[cfg(feature = "torch")]
+pub(crate) fn host_values<T: tch::kind::Element + Default + Clone>(
+    tensor: &tch::Tensor,
+) -> Result<Vec<T>, tch::TchError> {
+    let tensor =
+        tensor.f_detach()?.f_to_device(tch::Device::Cpu)?.f_to_kind(T::KIND)?.f_contiguous()?;
+    let count = tensor.numel();
+    let mut out = vec![T::default(); count];
+    tensor.f_copy_data(&mut out, count)?;
+    Ok(out)
+}
+
 impl TrainError {
     pub fn file(path: &Path, reason: impl std::fmt::Display) -> TrainError {
         TrainError::File { path: path.to_path_buf(), reason: reason.to_string() }

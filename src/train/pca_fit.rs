@@ -124,11 +124,7 @@ impl PcaAccumulator {
 }
 
 fn to_vec(tensor: &Tensor) -> Result<Vec<f64>, PcaError> {
-    let tensor = tensor.f_to_device(Device::Cpu)?.f_to_kind(Kind::Double)?.f_contiguous()?;
-    let count = tensor.numel();
-    let mut out = vec![0.0f64; count];
-    tensor.f_copy_data(&mut out, count)?;
-    Ok(out)
+    Ok(super::host_values(tensor)?)
 }
 
 #[cfg(test)]

@@ -467,14 +467,7 @@ pub fn train(options: &TrainOptions, stop: &AtomicBool) -> Result<Outcome, Train
     let bar = progress_bar(options.progress, options.epochs as u64, "head");
     let trained = head_fit::train_head(&train_set, &val_set, classes, &head_options, stop, |r| {
         bar.inc(1);
-        tracing::info!(
-            epoch = r.epoch,
-            train_loss = format!("{:.4}", r.train_loss),
-            train_accuracy = format!("{:.4}", r.train_accuracy),
-            val_loss = format!("{:.4}", r.val_loss),
-            val_accuracy = format!("{:.4}", r.val_accuracy),
-            "epoch"
-        );
+        log_epoch("epoch", r);
     })
     .map_err(|e| match e {
         head_fit::HeadError::Stopped => TrainError::Interrupted,
@@ -706,16 +699,7 @@ fn train_backbone(
         &val,
         &trunk_options,
         stop,
-        |r| {
-            tracing::info!(
-                epoch = r.epoch,
-                train_loss = format!("{:.4}", r.train_loss),
-                train_accuracy = format!("{:.4}", r.train_accuracy),
-                val_loss = format!("{:.4}", r.val_loss),
-                val_accuracy = format!("{:.4}", r.val_accuracy),
-                "backbone epoch"
-            );
-        },
+        |r| log_epoch("backbone epoch", r),
         |n| {
             bar.inc(n as u64);
             milestones.reach(bar.position());
@@ -1001,6 +985,17 @@ fn agree(
 
 fn save_png(image: &image::RgbImage, path: &Path) -> Result<(), TrainError> {
     image.save_with_format(path, image::ImageFormat::Png).map_err(|e| TrainError::file(path, e))
+}
+
+fn log_epoch(what: &str, r: &EpochRecord) {
+    tracing::info!(
+        epoch = r.epoch,
+        train_loss = format!("{:.4}", r.train_loss),
+        train_accuracy = format!("{:.4}", r.train_accuracy),
+        val_loss = format!("{:.4}", r.val_loss),
+        val_accuracy = format!("{:.4}", r.val_accuracy),
+        "{what}"
+    );
 }
 
 /// Logs every tenth of a long step, for runs whose stderr is a log rather than a terminal.

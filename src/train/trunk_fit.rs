@@ -158,12 +158,7 @@ fn path<'a>(root: &nn::Path<'a>, dotted: &str) -> nn::Path<'a> {
 }
 
 fn values(tensor: &Tensor) -> Result<Vec<f32>, tch::TchError> {
-    let tensor =
-        tensor.f_detach()?.f_to_device(Device::Cpu)?.f_to_kind(Kind::Float)?.f_contiguous()?;
-    let count = tensor.numel();
-    let mut out = vec![0f32; count];
-    tensor.f_copy_data(&mut out, count)?;
-    Ok(out)
+    super::host_values(tensor)
 }
 
 #[derive(Debug)]
