@@ -359,14 +359,21 @@ fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
     for name in &args.conditions {
         match Condition::parse(name.trim()) {
             Some(condition) => conditions.push(condition),
-            None => anyhow::bail!(
-                "--conditions: unknown condition {name:?} (clean, low-light, motion-blur, haze, \
-                 overexposure)"
-            ),
+            None => {
+                eprintln!(
+                    "error: --conditions: unknown condition {name:?} (clean, low-light, \
+                     motion-blur, haze, overexposure)"
+                );
+                return Ok(ExitCode::from(2));
+            }
         }
     }
     let Some(train_backbone) = TrainBackbone::parse(&args.train_backbone) else {
-        anyhow::bail!("--train-backbone: {:?} is not none, last-stage or all", args.train_backbone);
+        eprintln!(
+            "error: --train-backbone: {:?} is not none, last-stage or all",
+            args.train_backbone
+        );
+        return Ok(ExitCode::from(2));
     };
     let options = TrainOptions {
         data: args.data,
@@ -398,7 +405,9 @@ fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
         eprintln!("error: {}", problems.join("; "));
         return Ok(ExitCode::from(2));
     }
-    // Ctrl-C or SIGTERM: the run stops at the next batch and removes its staging directory.
+    // Ctrl-C or SIGTERM: the run stops at the next batch and removes its staging directory. A
+    // second one ends the process at once (a step such as the PCA's eigen-decomposition cannot
+    // be cut short); the next run sweeps what that leaves beside --out.
     let stop = Arc::new(AtomicBool::new(false));
     let flag = Arc::clone(&stop);
     std::thread::spawn(move || {
@@ -408,19 +417,28 @@ fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
         runtime.block_on(async {
             let mut term =
                 tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-            let terminated = async {
-                match term.as_mut() {
-                    Some(term) => term.recv().await,
-                    None => std::future::pending().await,
+            for round in 0..2 {
+                let terminated = async {
+                    match term.as_mut() {
+                        Some(term) => term.recv().await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = terminated => {}
                 }
-            };
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = terminated => {}
+                if round == 0 {
+                    tracing::warn!(
+                        "stopping: the run ends at the next batch and writes nothing (again to \
+                         quit at once)"
+                    );
+                    flag.store(true, Ordering::Relaxed);
+                }
             }
         });
-        tracing::warn!("stopping: the run ends at the next batch and writes nothing");
-        flag.store(true, Ordering::Relaxed);
+        tracing::warn!("second stop request: quitting now");
+        std::process::exit(130);
     });
     let outcome = run::train(&options, &stop)
         .with_context(|| format!("training from {} failed", options.data.display()))?;

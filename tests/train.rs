@@ -244,9 +244,21 @@ fn bad_folders_and_backbones_are_refused_without_a_half_bundle() {
     let output = run(&mut train(&data, &out, &cache, &["--pca-variance", "1.5"]));
     assert_eq!(output.status.code(), Some(2));
     assert!(text(&output.stderr).contains("--pca-variance"));
-    let output = run(&mut train(&data, &out, &cache, &["--conditions", "fog"]));
-    assert!(!output.status.success());
-    assert!(text(&output.stderr).contains("\"fog\""));
+    for (flag, value) in [
+        ("--conditions", "fog"),
+        ("--train-backbone", "some"),
+        ("--weight-decay", "-1"),
+        ("--threads", "100000"),
+        ("--patience", "0"),
+    ] {
+        let output = run(&mut train(&data, &out, &cache, &[&format!("{flag}={value}")]));
+        assert_eq!(output.status.code(), Some(2), "{flag} {value}: {}", text(&output.stderr));
+        assert!(text(&output.stderr).contains(flag), "{flag}: {}", text(&output.stderr));
+    }
+    // A bundle inside the data folder would become a class of the next run.
+    let output = run(&mut train(&data, &data.join("model"), &cache, &[]));
+    assert_eq!(output.status.code(), Some(2));
+    assert!(text(&output.stderr).contains("inside --data"), "{}", text(&output.stderr));
 
     assert!(!out.exists(), "no bundle from a failed run");
     assert_only(dir.path(), &["data", "empty", "synth"]);
@@ -260,6 +272,10 @@ fn unreadable_images_are_skipped_counted_and_named() {
     std::fs::write(data.join("bag").join("broken.png"), b"not a PNG at all").unwrap();
     std::fs::write(data.join("trouser").join("empty.jpg"), b"").unwrap();
     let (out, cache) = (dir.path().join("bundle"), dir.path().join("cache"));
+    // An empty output directory is taken; what a killed run left beside it is swept.
+    std::fs::create_dir_all(&out).unwrap();
+    let leftover = dir.path().join(".bundle.tmp-999999999-1");
+    std::fs::create_dir_all(leftover.join("inside")).unwrap();
     let args = ["--epochs", "2", "--conditions", "clean,haze", "--val-split", "0.3"];
     let output = run(&mut train(&data, &out, &cache, &args));
     let stderr = text(&output.stderr);
@@ -277,6 +293,7 @@ fn unreadable_images_are_skipped_counted_and_named() {
     assert!(named.iter().any(|p| p.ends_with("bag/broken.png")));
     let conditions = report["validation"]["conditions"].as_array().map(Vec::len);
     assert_eq!(conditions, Some(2), "clean and haze");
+    assert!(!leftover.exists(), "the dead run's staging directory is swept");
 }
 
 #[test]

@@ -3,12 +3,13 @@
 //!
 //! The cache is one file per trunk (`<key>.features`, the key a sha256 of the backbone file's
 //! checksum, the input size and the normalisation): a header with the map shape, then
-//! fixed-size records of a 32-byte record key and the `[2048,h,w]` map in little-endian f32. A
-//! record key is a sha256 of the image file's bytes, the condition and, for a condition other
-//! than clean, the seed it was drawn with, so renaming or moving images keeps their records and
-//! editing an image makes a new one. Records are appended after each batch; a run stopped in
-//! the middle of a write leaves a torn last record, which the next open cuts off. The file is
-//! locked while a run uses it, so two runs never interleave their writes.
+//! fixed-size records of a 32-byte record key, the `[2048,h,w]` map in little-endian f32 and a
+//! CRC-32 of the map, checked on every read. A record key is a sha256 of the image file's bytes,
+//! the condition and, for a condition other than clean, the seed it was drawn with, so renaming
+//! or moving images keeps their records and editing an image makes a new one. Records are
+//! appended after each batch; a run stopped in the middle of a write leaves a torn last record,
+//! which the next open cuts off. The file is locked from extraction until the maps are projected
+//! (before head training), so two runs never interleave their writes.
 //!
 //! Decoding and preprocessing run on `threads` threads per batch; unreadable images are not
 //! fatal: they are returned with the decoder's reason, so the caller can skip, count and name
@@ -30,7 +31,7 @@ use crate::model::TractBackbone;
 use crate::model::torch_backend::TorchTrunk;
 use crate::preprocess::{Frame, Preprocess, load_image};
 
-const MAGIC: &[u8; 8] = b"ESFEAT01";
+const MAGIC: &[u8; 8] = b"ESFEAT02";
 /// Magic, then the map shape as three little-endian u32.
 const HEADER: u64 = 8 + 12;
 
@@ -85,8 +86,9 @@ impl FeatureCache {
         Ok(cache)
     }
 
+    /// Key, map, CRC-32 of the map's bytes.
     fn record_bytes(&self) -> u64 {
-        32 + 4 * self.values as u64
+        32 + 4 * self.values as u64 + 4
     }
 
     /// Reads the header and the record keys; starts afresh when the header is not ours, and cuts
@@ -105,7 +107,9 @@ impl FeatureCache {
             if length > 0 {
                 tracing::warn!(
                     cache = %self.path.display(),
-                    "the feature cache has another format or map shape; starting it afresh"
+                    bytes = length,
+                    "the feature cache has another format or map shape, or a damaged header; \
+                     its maps are dropped and extracted again"
                 );
             }
             self.file.set_len(0).map_err(fail)?;
@@ -156,6 +160,8 @@ impl FeatureCache {
         for value in map {
             bytes.extend_from_slice(&value.to_le_bytes());
         }
+        let crc = crc32fast::hash(&bytes[32..]);
+        bytes.extend_from_slice(&crc.to_le_bytes());
         let at = HEADER + self.records * self.record_bytes();
         self.file.write_all_at(&bytes, at).map_err(|e| TrainError::file(&self.path, e))?;
         self.index.insert(key, self.records);
@@ -166,7 +172,7 @@ impl FeatureCache {
     /// The maps of `keys` as one `[n,2048,h,w]` f32 tensor on the CPU.
     pub fn read(&self, keys: &[RecordKey]) -> Result<Tensor, TrainError> {
         let mut values = vec![0f32; keys.len() * self.values];
-        let mut bytes = vec![0u8; 4 * self.values];
+        let mut bytes = vec![0u8; 4 * self.values + 4];
         for (key, out) in keys.iter().zip(values.chunks_exact_mut(self.values)) {
             let at = *self.index.get(key).ok_or_else(|| {
                 TrainError::file(&self.path, "a record the run wrote is missing (cache damaged?)")
@@ -175,7 +181,17 @@ impl FeatureCache {
             self.file
                 .read_exact_at(&mut bytes, offset)
                 .map_err(|e| TrainError::file(&self.path, e))?;
-            for (value, chunk) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+            let (map, crc) = bytes.split_at(4 * self.values);
+            if crc32fast::hash(map).to_le_bytes() != crc {
+                return Err(TrainError::file(
+                    &self.path,
+                    format!(
+                        "record {at} is damaged (checksum mismatch); delete this file and the \
+                         next run extracts the maps again"
+                    ),
+                ));
+            }
+            for (value, chunk) in out.iter_mut().zip(map.chunks_exact(4)) {
                 *value = f32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
             }
         }
@@ -495,6 +511,16 @@ mod tests {
         assert_eq!(&values[..FEATURE_CHANNELS], &map_b[..]);
         assert_eq!(&values[FEATURE_CHANNELS..], &map_a[..]);
         assert!(cache.read(&[[3u8; 32]]).is_err(), "an unknown key is an error");
+
+        // A flipped byte in a map is caught by its checksum and the error names the file.
+        drop(cache);
+        let file = File::options().write(true).open(&path).unwrap();
+        file.write_all_at(&[0xff; 4], HEADER + 32 + 40).unwrap();
+        drop(file);
+        let cache = FeatureCache::open(dir.path(), "t", shape).unwrap();
+        let error = cache.read(&[a]).err().unwrap().to_string();
+        assert!(error.contains("damaged") && error.contains(".features"), "{error}");
+        assert!(cache.read(&[b]).is_ok());
 
         // Another map shape (another input size) starts the file afresh.
         drop(cache);

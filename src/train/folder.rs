@@ -46,12 +46,20 @@ impl ImageFolder {
     /// Reads `root`: at least two classes, each with at least one image.
     pub fn read(root: &Path) -> Result<ImageFolder, FolderError> {
         let entries = std::fs::read_dir(root).map_err(|e| folder_error(root, e))?;
-        let mut classes: Vec<String> = entries
-            .filter_map(Result::ok)
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-            .filter_map(|e| e.file_name().into_string().ok())
-            .filter(|name| !name.starts_with('.'))
-            .collect();
+        let mut classes = Vec::new();
+        for entry in entries.filter_map(Result::ok) {
+            // `is_dir` on the path follows symbolic links: a linked class folder counts.
+            if !entry.path().is_dir() {
+                continue;
+            }
+            let Ok(name) = entry.file_name().into_string() else {
+                let path = entry.path();
+                return Err(folder_error(&path, "the class folder's name is not UTF-8; rename it"));
+            };
+            if !name.starts_with('.') {
+                classes.push(name);
+            }
+        }
         classes.sort();
         if classes.len() < 2 {
             return Err(folder_error(
@@ -71,13 +79,14 @@ impl ImageFolder {
                 .map_err(|e| folder_error(&dir, e))?
                 .filter_map(Result::ok)
                 .map(|e| e.path())
-                .filter(|p| p.is_file())
                 .filter(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+                .filter(|p| !p.is_dir())
                 .collect();
             files.sort();
             let before = samples.len();
             for path in files {
-                if is_image(&path) {
+                // A dangling link is not an image: counted with the skipped files.
+                if is_image(&path) && path.is_file() {
                     samples.push(Sample { path, label });
                 } else {
                     skipped += 1;
@@ -120,8 +129,8 @@ impl ImageFolder {
             if members.len() < 2 {
                 return Err(folder_error(
                     &self.root.join(class),
-                    "one image cannot be split into training and validation; add images or use \
-                     --test for a separate validation folder",
+                    "one image cannot be split into training and validation; add images to this \
+                     class or remove it",
                 ));
             }
             let mut rng = Rng::derive(seed, class);
@@ -175,6 +184,16 @@ mod tests {
             .collect();
         assert_eq!(names, ["0:1.webp", "1:a.jpg", "1:b.PNG"]);
         assert_eq!((read.skipped, read.counts()), (1, vec![1, 2]));
+    }
+
+    #[test]
+    fn linked_class_folders_count_and_dangling_links_are_skipped() {
+        let dir = folder(&[("a", &["1.png"]), ("elsewhere", &["2.png"])]);
+        std::os::unix::fs::symlink(dir.path().join("elsewhere"), dir.path().join("b")).unwrap();
+        std::os::unix::fs::symlink("/nonexistent.png", dir.path().join("a/gone.png")).unwrap();
+        let read = ImageFolder::read(dir.path()).unwrap();
+        assert_eq!(read.classes, ["a", "b", "elsewhere"]);
+        assert_eq!((read.skipped, read.counts()), (1, vec![1, 1, 1]));
     }
 
     #[test]

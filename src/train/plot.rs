@@ -135,7 +135,10 @@ pub fn confusion_png(classes: &[String], confusion: &[Vec<u64>], title: &str) ->
     let names: Vec<String> = classes.iter().enumerate().map(|(i, c)| format!("{i} {c}")).collect();
     let label_width = names.iter().map(|s| i64::from(text_width(s, 2))).max().unwrap_or(0);
     let (left, top) = (label_width + 16, 58i64);
-    let width = (left + n * cell + 16).max(i64::from(text_width(title, 2)) + 20);
+    let footer = "ROWS: TRUE CLASS";
+    let width = (left + n * cell + 16)
+        .max(i64::from(text_width(title, 2)) + 20)
+        .max(left + i64::from(text_width(footer, 2)) + 10);
     let height = top + n * cell + 34;
     let mut image = RgbImage::from_pixel(width as u32, height as u32, WHITE);
     draw_text(&mut image, 10, 10, title, 2, BLACK);
@@ -168,7 +171,7 @@ pub fn confusion_png(classes: &[String], confusion: &[Vec<u64>], title: &str) ->
             draw_text(&mut image, tx, ty, &text, scale, ink);
         }
     }
-    draw_text(&mut image, left, top + n * cell + 12, "ROWS: TRUE CLASS", 2, BLACK);
+    draw_text(&mut image, left, top + n * cell + 12, footer, 2, BLACK);
     image
 }
 
@@ -266,7 +269,7 @@ mod tests {
         let dark =
             |x: u32, y: u32| image.get_pixel(x, y).0.iter().map(|&v| u32::from(v)).sum::<u32>();
         // Cell corners (no text there): (0,0) full green, (0,1) white.
-        let left = image.width() - 16 - 2 * 36;
+        let left = text_width("0 a", 2) + 16;
         assert!(dark(left + 1, 59) < 300, "diagonal cell");
         assert_eq!(dark(left + 36 + 1, 59), 765, "empty cell");
     }

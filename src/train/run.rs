@@ -43,6 +43,24 @@ pub const CONFUSION_PNG: &str = "confusion.png";
 pub const HISTORY_PNG: &str = "training.png";
 pub const BACKBONE_PNG: &str = "backbone-training.png";
 
+/// The most threads `--threads` may ask for.
+const MAX_THREADS: usize = 1024;
+
+/// Whether `path` is `dir` or below it (both made absolute; symbolic links resolved where the
+/// paths exist).
+fn inside(path: &Path, dir: &Path) -> bool {
+    let absolute = |p: &Path| {
+        std::fs::canonicalize(p).ok().or_else(|| {
+            let parent = p.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+            Some(std::fs::canonicalize(parent).ok()?.join(p.file_name()?))
+        })
+    };
+    match (absolute(path), absolute(dir)) {
+        (Some(path), Some(dir)) => path.starts_with(dir),
+        _ => false,
+    }
+}
+
 /// ImageNet normalisation, what the ResNet-50 trunk expects.
 const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 const STD: [f32; 3] = [0.229, 0.224, 0.225];
@@ -102,6 +120,27 @@ impl TrainOptions {
         }
         if !(self.val_split > 0.0 && self.val_split < 1.0) {
             problems.push(format!("--val-split {} is not in (0, 1)", self.val_split));
+        }
+        if !(self.weight_decay.is_finite() && self.weight_decay >= 0.0) {
+            problems.push(format!("--weight-decay {} must be 0 or more", self.weight_decay));
+        }
+        if self.patience == 0 {
+            problems.push("--patience must be at least 1".into());
+        }
+        if self.threads > MAX_THREADS {
+            problems.push(format!("--threads {} is above {MAX_THREADS}", self.threads));
+        }
+        for (flag, dir) in [("--data", Some(&self.data)), ("--test", self.test.as_ref())] {
+            if let Some(dir) = dir
+                && inside(&self.out, dir)
+            {
+                problems.push(format!(
+                    "--out {} is inside {flag} {}: the bundle would become a class of the next \
+                     run",
+                    self.out.display(),
+                    dir.display()
+                ));
+            }
         }
         if self.epochs == 0 {
             problems.push("--epochs must be at least 1".into());
@@ -208,6 +247,8 @@ pub struct Report {
     /// Files that are not images by their extension (not read).
     pub skipped_not_images: u64,
     pub unreadable: Vec<Unreadable>,
+    /// Validation and test images whose content also appears among the training images.
+    pub same_as_training: BTreeMap<String, u64>,
     pub feature_map: [usize; 3],
     pub k: usize,
     pub variance_kept: f64,
@@ -258,12 +299,23 @@ pub fn train(options: &TrainOptions, stop: &AtomicBool) -> Result<Outcome, Train
         return Err(TrainError::Invalid(problems.join("; ")));
     }
     let out = &options.out;
-    if out.exists() && !out.join(MANIFEST).is_file() {
+    let empty = std::fs::read_dir(out).is_ok_and(|mut entries| entries.next().is_none());
+    if out.exists() && !empty && !out.join(MANIFEST).is_file() {
         return Err(TrainError::file(
             out,
             "exists and is not a bundle (no manifest.toml); refusing to replace it",
         ));
     }
+    if empty {
+        std::fs::remove_dir(out).map_err(|e| TrainError::file(out, e))?;
+    }
+    let device = resolve_device(&options.device).map_err(|e| match e {
+        crate::model::ModelError::Device(reason) => {
+            TrainError::Invalid(format!("--device: {reason}"))
+        }
+        other => other.into(),
+    })?;
+    sweep_leftovers(out);
     let mut seconds = BTreeMap::new();
     let started = Instant::now();
 
@@ -288,7 +340,6 @@ pub fn train(options: &TrainOptions, stop: &AtomicBool) -> Result<Outcome, Train
     if options.threads > 0 {
         tch::set_num_threads(options.threads as i32);
     }
-    let device = resolve_device(&options.device)?;
     let preprocess = Preprocess { size: options.input_size, mean: MEAN, std: STD };
 
     // The conditions: every validation and test image is scored under each; every training
@@ -423,6 +474,16 @@ pub fn train(options: &TrainOptions, stop: &AtomicBool) -> Result<Outcome, Train
         "feature maps ready"
     );
     let [train_items, val_items, test_items] = splits;
+    let overlap = overlap_with_training(&train_items, [&val_items, &test_items]);
+    for (set, count) in ["validation", "test"].iter().zip(overlap) {
+        if count > 0 {
+            tracing::warn!(
+                count,
+                "{set} images with the same content as training images: their scores are not \
+                 held-out figures"
+            );
+        }
+    }
     check_every_class(&folder.classes, &train_items, "training")?;
     check_every_class(&folder.classes, &val_items, "validation")?;
 
@@ -451,6 +512,8 @@ pub fn train(options: &TrainOptions, stop: &AtomicBool) -> Result<Outcome, Train
     let train_set = project(&train_items)?;
     let val_set = project(&val_items)?;
     let test_set = if test_items.is_empty() { None } else { Some(project(&test_items)?) };
+    // The maps are projected: another run may use the cache while this one trains.
+    drop(cache);
 
     // The head.
     let head_started = Instant::now();
@@ -553,6 +616,12 @@ pub fn train(options: &TrainOptions, stop: &AtomicBool) -> Result<Outcome, Train
         images,
         skipped_not_images: folder.skipped as u64 + test_folder_skipped(options.test.as_deref()),
         unreadable,
+        same_as_training: [
+            ("validation".to_string(), overlap[0]),
+            ("test".to_string(), overlap[1]),
+        ]
+        .into_iter()
+        .collect(),
         feature_map: shape,
         k: fit.pca.k,
         variance_kept: fit.variance_kept,
@@ -741,6 +810,35 @@ fn test_folder_skipped(dir: Option<&Path>) -> u64 {
     dir.and_then(|dir| ImageFolder::read(dir).ok()).map_or(0, |f| f.skipped as u64)
 }
 
+/// Removes what runs killed without a chance to clean up left beside `out`: staging
+/// directories `.NAME.tmp-PID-…` and scratch caches `.NAME.features-PID-…` whose process is
+/// gone. A live process's directories (another run writing the same bundle) are left alone.
+fn sweep_leftovers(out: &Path) {
+    let (Some(name), parent) = (out.file_name(), out.parent()) else { return };
+    let parent = parent.filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let Ok(entries) = std::fs::read_dir(parent) else { return };
+    let prefix = format!(".{}.", name.to_string_lossy());
+    for entry in entries.filter_map(Result::ok) {
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        let Some(rest) = file_name.strip_prefix(&prefix) else { continue };
+        let Some(rest) = rest.strip_prefix("tmp-").or_else(|| rest.strip_prefix("features-"))
+        else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if Path::new("/proc").join(pid.to_string()).exists() {
+            continue;
+        }
+        let path = entry.path();
+        match std::fs::remove_dir_all(&path) {
+            Ok(()) => tracing::info!(path = %path.display(), "removed what a stopped run left"),
+            Err(error) => tracing::warn!(path = %path.display(), %error, "cannot remove"),
+        }
+    }
+}
+
 /// The `[2048,h,w]` shape of the trunk's feature map at this input size.
 fn probe_shape(trunk: &mut Trunk, input_size: u32) -> Result<[usize; 3], TrainError> {
     let s = input_size as usize;
@@ -811,6 +909,15 @@ fn sort_out(
         }
     }
     (sets, unreadable)
+}
+
+/// Clean images of each other set whose content (record key) is also a training image's.
+fn overlap_with_training(train: &[Item], others: [&[Item]; 2]) -> [u64; 2] {
+    let clean = |item: &&Item| item.condition == Condition::Clean;
+    let seen: std::collections::HashSet<RecordKey> =
+        train.iter().filter(clean).map(|item| item.key).collect();
+    others
+        .map(|set| set.iter().filter(clean).filter(|item| seen.contains(&item.key)).count() as u64)
 }
 
 fn check_every_class(classes: &[String], items: &[Item], set: &str) -> Result<(), TrainError> {
