@@ -11,7 +11,7 @@
 //! stop request removes the staging directory, so `--out` is either the old bundle or the new
 //! one, never half of one.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -321,10 +321,12 @@ pub fn train(options: &TrainOptions, stop: &AtomicBool) -> Result<Outcome, Train
 
     let folder = ImageFolder::read(&options.data)?;
     let (train_samples, val_samples) = folder.split(options.val_split, options.seed)?;
-    let test_samples = match &options.test {
+    let test_folder = match &options.test {
         Some(dir) => Some(read_test(dir, &folder.classes)?),
         None => None,
     };
+    let test_skipped = test_folder.as_ref().map_or(0, |f| f.skipped as u64);
+    let test_samples = test_folder.map(|f| f.samples);
     tracing::info!(
         data = %options.data.display(),
         classes = folder.classes.len(),
@@ -464,7 +466,8 @@ pub fn train(options: &TrainOptions, stop: &AtomicBool) -> Result<Outcome, Train
     seconds.insert("features".to_string(), extract_started.elapsed().as_secs_f64());
     let (splits, unreadable) = sort_out(&plan, extracted);
     for bad in &unreadable {
-        tracing::warn!(file = %bad.path.display(), reason = %bad.reason, "unreadable image skipped");
+        let file = bad.path.display();
+        tracing::warn!(%file, reason = %bad.reason, "unreadable image skipped");
     }
     tracing::info!(
         maps = requests.len(),
@@ -603,8 +606,7 @@ pub fn train(options: &TrainOptions, stop: &AtomicBool) -> Result<Outcome, Train
     for (split, items) in
         [("train", &train_items), ("validation", &val_items), ("test", &test_items)]
     {
-        let distinct: std::collections::HashSet<&Path> =
-            items.iter().map(|item| item.path.as_path()).collect();
+        let distinct: HashSet<&Path> = items.iter().map(|item| item.path.as_path()).collect();
         images.insert(split.to_string(), distinct.len() as u64);
     }
     let report = Report {
@@ -614,7 +616,7 @@ pub fn train(options: &TrainOptions, stop: &AtomicBool) -> Result<Outcome, Train
         options: options.clone(),
         device: device_name(device),
         images,
-        skipped_not_images: folder.skipped as u64 + test_folder_skipped(options.test.as_deref()),
+        skipped_not_images: folder.skipped as u64 + test_skipped,
         unreadable,
         same_as_training: [
             ("validation".to_string(), overlap[0]),
@@ -791,7 +793,7 @@ enum Split {
     Test,
 }
 
-fn read_test(dir: &Path, classes: &[String]) -> Result<Vec<Sample>, TrainError> {
+fn read_test(dir: &Path, classes: &[String]) -> Result<ImageFolder, TrainError> {
     let test = ImageFolder::read(dir)?;
     if test.classes != classes {
         return Err(TrainError::file(
@@ -803,11 +805,7 @@ fn read_test(dir: &Path, classes: &[String]) -> Result<Vec<Sample>, TrainError> 
             ),
         ));
     }
-    Ok(test.samples)
-}
-
-fn test_folder_skipped(dir: Option<&Path>) -> u64 {
-    dir.and_then(|dir| ImageFolder::read(dir).ok()).map_or(0, |f| f.skipped as u64)
+    Ok(test)
 }
 
 /// Removes what runs killed without a chance to clean up left beside `out`: staging
@@ -885,7 +883,7 @@ fn sort_out(
 ) -> ([Vec<Item>; 3], Vec<Unreadable>) {
     let mut sets: [Vec<Item>; 3] = Default::default();
     let mut unreadable: Vec<Unreadable> = Vec::new();
-    let mut seen: HashMap<PathBuf, ()> = HashMap::new();
+    let mut seen: HashSet<PathBuf> = HashSet::new();
     for ((split, sample, condition), result) in plan.iter().zip(extracted) {
         match result {
             Ok(key) => {
@@ -902,7 +900,7 @@ fn sort_out(
                 });
             }
             Err(reason) => {
-                if seen.insert(sample.path.clone(), ()).is_none() {
+                if seen.insert(sample.path.clone()) {
                     unreadable.push(Unreadable { path: sample.path.clone(), reason });
                 }
             }
@@ -914,8 +912,7 @@ fn sort_out(
 /// Clean images of each other set whose content (record key) is also a training image's.
 fn overlap_with_training(train: &[Item], others: [&[Item]; 2]) -> [u64; 2] {
     let clean = |item: &&Item| item.condition == Condition::Clean;
-    let seen: std::collections::HashSet<RecordKey> =
-        train.iter().filter(clean).map(|item| item.key).collect();
+    let seen: HashSet<RecordKey> = train.iter().filter(clean).map(|item| item.key).collect();
     others
         .map(|set| set.iter().filter(clean).filter(|item| seen.contains(&item.key)).count() as u64)
 }

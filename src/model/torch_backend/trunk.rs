@@ -5,9 +5,9 @@
 //! every layout a user may bring (torchvision exports with names or with `onnx::Conv_*` numbers,
 //! ONNX zoo v1 with the stride on the 1×1 convolution, batch norm folded or not; pre-activation
 //! v2 graphs use the same operators but are untested) runs exactly as written. Before anything
-//! runs, each convolution weight is matched to a convolution of the canonical ResNet-50 ([`resnet::canonical_convolutions`]) by
-//! shape, in graph order, and a file whose convolutions do not match all 53 is refused with the
-//! first one that does not.
+//! runs, each convolution weight is matched to a convolution of the canonical ResNet-50
+//! ([`resnet::canonical_convolutions`]) by shape, in graph order, and a file whose convolutions
+//! do not match all 53 is refused with the first one that does not.
 //!
 //! Speed on CPUs comes from what oneDNN likes: batch norm folded into the convolution before
 //! it (a BN that follows something else stays an affine op), activations and weights in
