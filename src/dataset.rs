@@ -154,6 +154,9 @@ pub fn import_idx(options: &ImportOptions) -> Result<ImportSummary, DatasetError
             format!("label {max} has no class name ({} names given)", names.len()),
         ));
     }
+    if options.limit == Some(0) {
+        return Err(DatasetError::Invalid("--limit 0 would import nothing".into()));
+    }
     let take = options.limit.map_or(n, |limit| limit.min(n));
 
     let out = &options.out;
@@ -283,6 +286,9 @@ mod tests {
         // A second import into the same, now full, directory is refused.
         let again = import_idx(&options).unwrap_err().to_string();
         assert!(again.contains("not empty") && again.contains("folder"), "{again}");
+        let none = ImportOptions { limit: Some(0), out: dir.path().join("none"), ..options };
+        let error = import_idx(&none).unwrap_err().to_string();
+        assert!(error.contains("--limit 0"), "{error}");
     }
 
     #[test]

@@ -90,7 +90,7 @@ struct TrainArgs {
     #[arg(long, default_value_t = 224)]
     input_size: u32,
     /// Fraction of each class held out for validation (stratified, seeded).
-    #[arg(long, default_value_t = 0.2)]
+    #[arg(long, default_value_t = 0.2, allow_negative_numbers = true)]
     val_split: f64,
     /// A separate ImageFolder with the same classes, scored in the report.
     #[arg(long)]
@@ -100,15 +100,15 @@ struct TrainArgs {
     #[arg(long, default_value_t = 64)]
     batch_size: usize,
     /// Peak learning rate of AdamW (cosine schedule).
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 1e-3, allow_negative_numbers = true)]
     lr: f64,
-    #[arg(long, default_value_t = 1e-2)]
+    #[arg(long, default_value_t = 1e-2, allow_negative_numbers = true)]
     weight_decay: f64,
     /// Epochs without a better validation loss before training stops.
     #[arg(long, default_value_t = 5)]
     patience: usize,
     /// Fraction of the feature variance the PCA keeps.
-    #[arg(long, default_value_t = 0.95)]
+    #[arg(long, default_value_t = 0.95, allow_negative_numbers = true)]
     pca_variance: f64,
     /// Most PCA components.
     #[arg(long, default_value_t = 200)]
@@ -135,7 +135,7 @@ struct TrainArgs {
     #[arg(long, default_value_t = 5)]
     backbone_epochs: usize,
     /// Peak learning rate of trunk training (AdamW, cosine schedule).
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, default_value_t = 1e-3, allow_negative_numbers = true)]
     backbone_lr: f64,
     /// Feature cache directory (default: ~/.cache/edgesight/features).
     #[arg(long)]
@@ -231,6 +231,19 @@ fn execute(command: Command) -> anyhow::Result<ExitCode> {
             println!("wrote {} images{kind} to {}", summary.images, options.out.display());
             for (name, count) in &summary.per_class {
                 println!("  {name:<12} {count}");
+            }
+            let empty: Vec<&str> = summary
+                .per_class
+                .iter()
+                .filter(|(_, n)| *n == 0)
+                .map(|(c, _)| c.as_str())
+                .collect();
+            if !empty.is_empty() {
+                eprintln!(
+                    "warning: no images for {}: `edgesight train` refuses an empty class; raise \
+                     --limit or remove those folders",
+                    empty.join(", ")
+                );
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -349,6 +362,7 @@ fn classify(
 
 #[cfg(feature = "torch")]
 fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
+    use edgesight::train::TrainError;
     use edgesight::train::conditions::Condition;
     use edgesight::train::run::{self, TrainOptions};
     use edgesight::train::trunk_fit::TrainBackbone;
@@ -438,10 +452,23 @@ fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
             }
         });
         tracing::warn!("second stop request: quitting now");
-        std::process::exit(130);
+        // `_exit`, not `exit`: exit-time destructors would tear libtorch down under the threads
+        // still running in it (a segmentation fault instead of status 130).
+        // SAFETY: `_exit` ends the process at once; nothing runs after it.
+        unsafe { libc::_exit(130) };
     });
-    let outcome = run::train(&options, &stop)
-        .with_context(|| format!("training from {} failed", options.data.display()))?;
+    let outcome = match run::train(&options, &stop) {
+        Ok(outcome) => outcome,
+        Err(error @ (TrainError::Usage(_) | TrainError::Interrupted)) => {
+            eprintln!("error: {error}");
+            let code = if matches!(error, TrainError::Interrupted) { 130 } else { 2 };
+            return Ok(ExitCode::from(code));
+        }
+        Err(error) => {
+            return Err(anyhow::Error::new(error)
+                .context(format!("training from {} failed", options.data.display())));
+        }
+    };
     let report = &outcome.report;
     println!("wrote {}", outcome.out.display());
     println!(

@@ -213,10 +213,14 @@ fn bad_folders_and_backbones_are_refused_without_a_half_bundle() {
 
     let empty = dir.path().join("empty");
     std::fs::create_dir_all(&empty).unwrap();
+    // An empty --out stays as it was when the run fails.
+    std::fs::create_dir_all(&out).unwrap();
     let output = run(&mut train(&empty, &out, &cache, &[]));
     let stderr = text(&output.stderr);
     assert!(!output.status.success());
     assert!(stderr.contains("empty") && stderr.contains("0 class folder(s)"), "{stderr}");
+    assert!(out.is_dir(), "the empty --out is kept");
+    std::fs::remove_dir(&out).unwrap();
 
     small_folder(dir.path(), 12);
     let data = dir.path().join("data");
@@ -250,15 +254,26 @@ fn bad_folders_and_backbones_are_refused_without_a_half_bundle() {
         ("--weight-decay", "-1"),
         ("--threads", "100000"),
         ("--patience", "0"),
+        ("--lr", "1e300"),
+        ("--epochs", "18446744073709551615"),
+        ("--input-size", "4294967264"),
+        ("--batch-size", "100000000"),
     ] {
         let output = run(&mut train(&data, &out, &cache, &[&format!("{flag}={value}")]));
         assert_eq!(output.status.code(), Some(2), "{flag} {value}: {}", text(&output.stderr));
         assert!(text(&output.stderr).contains(flag), "{flag}: {}", text(&output.stderr));
     }
     // A bundle inside the data folder would become a class of the next run.
-    let output = run(&mut train(&data, &data.join("model"), &cache, &[]));
-    assert_eq!(output.status.code(), Some(2));
-    assert!(text(&output.stderr).contains("inside --data"), "{}", text(&output.stderr));
+    // So would one below a folder that does not exist yet, or the feature cache.
+    for (bundle, features) in [
+        (data.join("model"), cache.clone()),
+        (data.join("new").join("model"), cache.clone()),
+        (out.clone(), data.join("cache")),
+    ] {
+        let output = run(&mut train(&data, &bundle, &features, &[]));
+        assert_eq!(output.status.code(), Some(2), "{}", text(&output.stderr));
+        assert!(text(&output.stderr).contains("inside --data"), "{}", text(&output.stderr));
+    }
 
     assert!(!out.exists(), "no bundle from a failed run");
     assert_only(dir.path(), &["data", "empty", "synth"]);
@@ -317,11 +332,34 @@ fn ctrl_c_stops_the_run_and_leaves_no_bundle() {
     let pid = child.id().to_string();
     assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
     let status = child.wait().unwrap();
-    let log = std::fs::read_to_string(&log).unwrap();
-    assert!(!status.success(), "{log}");
-    assert!(log.contains("stopped before the end"), "{log}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(130), "{text}");
+    assert!(text.contains("stopped before the end"), "{text}");
     assert!(!out.exists());
     assert_only(dir.path(), &["cache", "data", "train.log"]);
+
+    // A second Ctrl-C right after the first quits at once, still with 130 (libtorch is not torn
+    // down under its running threads); the next run sweeps the staging directory it leaves.
+    let mut child = train(&data, &out, &cache, &["--epochs", "500", "--patience", "500"])
+        .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !std::fs::read_to_string(&log).unwrap_or_default().contains("backbone ready") {
+        assert!(Instant::now() < deadline, "{}", std::fs::read_to_string(&log).unwrap_or_default());
+        assert!(child.try_wait().unwrap().is_none(), "{}", std::fs::read_to_string(&log).unwrap());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = child.id().to_string();
+    for _ in 0..2 {
+        assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = child.wait().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(status.code(), Some(130), "{text}");
+    assert!(!out.exists());
 }
 
 #[test]

@@ -154,7 +154,11 @@ pub(crate) fn replace_dir(staging: &Path, out: &Path) -> Result<(), ModelError> 
     if out.exists() {
         let old = sibling(out, "old")?;
         std::fs::rename(out, &old).map_err(|e| ModelError::bundle(out, e))?;
-        std::fs::rename(staging, out).map_err(|e| ModelError::bundle(out, e))?;
+        if let Err(error) = std::fs::rename(staging, out) {
+            // Put the old bundle back; `edgesight train` also does that for a killed run.
+            let _ = std::fs::rename(&old, out);
+            return Err(ModelError::bundle(out, error));
+        }
         std::fs::remove_dir_all(&old).map_err(|e| ModelError::bundle(&old, e))?;
         return Ok(());
     }

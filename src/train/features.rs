@@ -21,6 +21,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use image::imageops::FilterType;
 use sha2::{Digest, Sha256};
 use tch::{Device, Kind, Tensor};
 
@@ -380,7 +381,7 @@ fn prepare_one(
         }
         Err(error) => return Prepared::Bad(error.to_string()),
     };
-    let frame = apply_condition(frame, request.condition, seed, &key);
+    let frame = apply_condition(frame, request.condition, seed, &key, &preprocess);
     let size = preprocess.size as usize;
     let mut tensor = vec![0f32; 3 * size * size];
     match preprocess.try_write_tensor(&frame, &mut tensor) {
@@ -453,13 +454,30 @@ fn record_key(bytes: &[u8], condition: Condition, seed: u64) -> RecordKey {
 
 /// The frame under `condition`; the draws follow the seed and the image (its record key), not
 /// its position in the dataset, so a cached map stays valid when the split changes.
-fn apply_condition(frame: Frame, condition: Condition, seed: u64, key: &RecordKey) -> Frame {
+///
+/// A frame whose shorter side is over twice the preprocessing's resize side is first scaled
+/// down to that (a conditions' cost grows with the pixels, a motion blur's with their width
+/// too, and the trunk sees the resize side anyway); the conditions scale with the frame.
+fn apply_condition(
+    frame: Frame,
+    condition: Condition,
+    seed: u64,
+    key: &RecordKey,
+    preprocess: &Preprocess,
+) -> Frame {
     if condition == Condition::Clean {
         return frame;
     }
-    let Some(image) = image::RgbImage::from_raw(frame.width, frame.height, frame.data) else {
+    let Some(mut image) = image::RgbImage::from_raw(frame.width, frame.height, frame.data) else {
         unreachable!("load_image returns tight RGB8 rows");
     };
+    let limit = 2 * preprocess.resize_side().max(u64::from(preprocess.size));
+    let short = u64::from(image.width().min(image.height()));
+    if short > limit {
+        let scale = |side: u32| ((u64::from(side) * limit).div_ceil(short)).max(1) as u32;
+        let (width, height) = (scale(image.width()), scale(image.height()));
+        image = image::imageops::resize(&image, width, height, FilterType::Triangle);
+    }
     let id = u64::from_le_bytes([key[0], key[1], key[2], key[3], key[4], key[5], key[6], key[7]]);
     let out = condition.apply(&image, seed, id);
     Frame { width: out.width(), height: out.height(), data: out.into_raw() }
@@ -535,6 +553,24 @@ mod tests {
         let _first = FeatureCache::open(dir.path(), "t", shape).unwrap();
         let error = FeatureCache::open(dir.path(), "t", shape).err().unwrap().to_string();
         assert!(error.contains("another training run"), "{error}");
+    }
+
+    #[test]
+    fn a_large_frame_is_scaled_down_before_its_condition() {
+        let preprocess = Preprocess { size: 32, mean: [0.5; 3], std: [0.5; 3] };
+        let frame = |width: u32, height: u32| Frame {
+            width,
+            height,
+            data: vec![128; (width * height * 3) as usize],
+        };
+        // Resize side 37: a 4000×3000 frame becomes 99×74 before the blur.
+        let out =
+            apply_condition(frame(4000, 3000), Condition::MotionBlur, 1, &[0; 32], &preprocess);
+        assert_eq!((out.width, out.height), (99, 74));
+        let out = apply_condition(frame(60, 40), Condition::MotionBlur, 1, &[0; 32], &preprocess);
+        assert_eq!((out.width, out.height), (60, 40), "a small frame keeps its size");
+        let out = apply_condition(frame(4000, 3000), Condition::Clean, 1, &[0; 32], &preprocess);
+        assert_eq!((out.width, out.height), (4000, 3000), "clean is the frame as decoded");
     }
 
     #[test]

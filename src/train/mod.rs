@@ -33,6 +33,9 @@ pub enum TrainError {
     Model(#[from] crate::model::ModelError),
     #[error("{0}")]
     Invalid(String),
+    /// A flag out of range or a device that is not there: the command line is at fault.
+    #[error("{0}")]
+    Usage(String),
     #[cfg(feature = "torch")]
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),

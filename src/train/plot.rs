@@ -131,8 +131,15 @@ fn line(image: &mut RgbImage, from: (i64, i64), to: (i64, i64), color: Rgb<u8>) 
 /// cells, class names on the rows, class numbers on the columns.
 pub fn confusion_png(classes: &[String], confusion: &[Vec<u64>], title: &str) -> RgbImage {
     let n = classes.len() as i64;
-    let cell = 36i64;
-    let names: Vec<String> = classes.iter().enumerate().map(|(i, c)| format!("{i} {c}")).collect();
+    // 36-px cells with their counts; past 100 classes, 4-px cells without (a 1000-class matrix
+    // would otherwise take gigabytes), the shading still showing where the errors are.
+    let small = n > 100;
+    let cell = if small { 4i64 } else { 36 };
+    let names: Vec<String> = if small {
+        Vec::new()
+    } else {
+        classes.iter().enumerate().map(|(i, c)| format!("{i} {c}")).collect()
+    };
     let label_width = names.iter().map(|s| i64::from(text_width(s, 2))).max().unwrap_or(0);
     let (left, top) = (label_width + 16, 58i64);
     let footer = "ROWS: TRUE CLASS";
@@ -163,6 +170,9 @@ pub fn confusion_png(classes: &[String], confusion: &[Vec<u64>], title: &str) ->
             };
             let (x, y) = (left + p as i64 * cell, top + t as i64 * cell);
             fill(&mut image, x, y, cell - 1, cell - 1, color);
+            if small {
+                continue;
+            }
             let text = count.to_string();
             let scale = if text_width(&text, 2) as i64 <= cell - 4 { 2 } else { 1 };
             let ink = if share > 0.5 { WHITE } else { BLACK };
@@ -235,12 +245,17 @@ fn panel(
         }
     }
     for (pick, color) in [(0, TRAIN), (1, VAL)] {
-        let point = |i: usize| at(i, if pick == 0 { series[i].0 } else { series[i].1 });
+        let value = |i: usize| if pick == 0 { series[i].0 } else { series[i].1 };
+        // A diverged epoch (infinite or NaN loss) leaves a gap rather than a line off the page.
+        let point = |i: usize| value(i).is_finite().then(|| at(i, value(i)));
         for i in 1..series.len() {
-            line(image, point(i - 1), point(i), color);
+            if let (Some(from), Some(to)) = (point(i - 1), point(i)) {
+                line(image, from, to, color);
+            }
         }
-        if series.len() == 1 {
-            let (x, y) = point(0);
+        if let [_] = series
+            && let Some((x, y)) = point(0)
+        {
             fill(image, x - 2, y - 2, 5, 5, color);
         }
     }
@@ -272,5 +287,27 @@ mod tests {
         let left = text_width("0 a", 2) + 16;
         assert!(dark(left + 1, 59) < 300, "diagonal cell");
         assert_eq!(dark(left + 36 + 1, 59), 765, "empty cell");
+    }
+
+    #[test]
+    fn a_diverged_epoch_leaves_a_gap_and_a_thousand_classes_stay_small() {
+        let record = |epoch, loss: f64| EpochRecord {
+            epoch,
+            lr: 1e-3,
+            train_loss: loss,
+            train_accuracy: 0.5,
+            val_loss: loss,
+            val_accuracy: 0.5,
+        };
+        let history =
+            [record(1, 2.0), record(2, f64::INFINITY), record(3, f64::NAN), record(4, 1.0)];
+        let image = history_png(&history, 1);
+        assert_eq!(image.dimensions(), (790, 330));
+
+        let classes: Vec<String> = (0..1000).map(|i| format!("class {i}")).collect();
+        let confusion: Vec<Vec<u64>> =
+            (0..1000).map(|t| (0..1000).map(|p| u64::from(t == p)).collect()).collect();
+        let image = confusion_png(&classes, &confusion, "T");
+        assert!(image.width() < 4100 && image.height() < 4100, "{:?}", image.dimensions());
     }
 }

@@ -46,19 +46,41 @@ pub const BACKBONE_PNG: &str = "backbone-training.png";
 /// The most threads `--threads` may ask for.
 const MAX_THREADS: usize = 1024;
 
-/// Whether `path` is `dir` or below it (both made absolute; symbolic links resolved where the
-/// paths exist).
+/// The most epochs `--epochs` and `--backbone-epochs` may ask for.
+const MAX_EPOCHS: usize = 100_000;
+
+/// The largest `--input-size`: a 2048 × 32 × 32 map per image already takes 8 MiB.
+const MAX_INPUT_SIZE: u32 = 1024;
+
+/// The largest `--batch-size`.
+const MAX_BATCH: usize = 65_536;
+
+/// Whether `path` is `dir` or below it. Both are made absolute with symbolic links resolved up
+/// to their deepest existing ancestor; what lies below it is taken as written.
 fn inside(path: &Path, dir: &Path) -> bool {
-    let absolute = |p: &Path| {
-        std::fs::canonicalize(p).ok().or_else(|| {
-            let parent = p.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-            Some(std::fs::canonicalize(parent).ok()?.join(p.file_name()?))
-        })
-    };
-    match (absolute(path), absolute(dir)) {
+    match (resolved(path), resolved(dir)) {
         (Some(path), Some(dir)) => path.starts_with(dir),
         _ => false,
     }
+}
+
+fn resolved(path: &Path) -> Option<PathBuf> {
+    let path = std::path::absolute(path).ok()?;
+    let mut missing = Vec::new();
+    let mut base = path.as_path();
+    loop {
+        if let Ok(real) = std::fs::canonicalize(base) {
+            return Some(missing.iter().rev().fold(real, |p, name| p.join(name)));
+        }
+        missing.push(base.file_name()?.to_owned());
+        base = base.parent()?;
+    }
+}
+
+/// A learning rate libtorch's optimisers can take (they hold it as f32): finite, above 0, at
+/// most 10.
+fn lr_ok(lr: f64) -> bool {
+    lr.is_finite() && lr > 0.0 && lr <= 10.0
 }
 
 /// ImageNet normalisation, what the ResNet-50 trunk expects.
@@ -114,9 +136,14 @@ impl TrainOptions {
     /// Every option out of range, with its flag.
     pub fn problems(&self) -> Vec<String> {
         let mut problems = Vec::new();
-        if self.input_size < 32 || !self.input_size.is_multiple_of(32) {
-            problems
-                .push(format!("--input-size {} is not a positive multiple of 32", self.input_size));
+        if self.input_size < 32
+            || self.input_size > MAX_INPUT_SIZE
+            || !self.input_size.is_multiple_of(32)
+        {
+            problems.push(format!(
+                "--input-size {} is not a multiple of 32 in 32..={MAX_INPUT_SIZE}",
+                self.input_size
+            ));
         }
         if !(self.val_split > 0.0 && self.val_split < 1.0) {
             problems.push(format!("--val-split {} is not in (0, 1)", self.val_split));
@@ -131,25 +158,25 @@ impl TrainOptions {
             problems.push(format!("--threads {} is above {MAX_THREADS}", self.threads));
         }
         for (flag, dir) in [("--data", Some(&self.data)), ("--test", self.test.as_ref())] {
-            if let Some(dir) = dir
-                && inside(&self.out, dir)
-            {
-                problems.push(format!(
-                    "--out {} is inside {flag} {}: the bundle would become a class of the next \
-                     run",
-                    self.out.display(),
-                    dir.display()
-                ));
+            let Some(dir) = dir else { continue };
+            for (what, path) in [("--out", &self.out), ("--cache", &self.cache)] {
+                if inside(path, dir) {
+                    problems.push(format!(
+                        "{what} {} is inside {flag} {}: it would become a class of the next run",
+                        path.display(),
+                        dir.display()
+                    ));
+                }
             }
         }
-        if self.epochs == 0 {
-            problems.push("--epochs must be at least 1".into());
+        if self.epochs == 0 || self.epochs > MAX_EPOCHS {
+            problems.push(format!("--epochs {} is not in 1..={MAX_EPOCHS}", self.epochs));
         }
-        if self.batch_size == 0 {
-            problems.push("--batch-size must be at least 1".into());
+        if self.batch_size == 0 || self.batch_size > MAX_BATCH {
+            problems.push(format!("--batch-size {} is not in 1..={MAX_BATCH}", self.batch_size));
         }
-        if !(self.lr.is_finite() && self.lr > 0.0) {
-            problems.push(format!("--lr {} must be above 0", self.lr));
+        if !lr_ok(self.lr) {
+            problems.push(format!("--lr {} is not in (0, 10]", self.lr));
         }
         if !(self.pca_variance > 0.0 && self.pca_variance <= 1.0) {
             problems.push(format!("--pca-variance {} is not in (0, 1]", self.pca_variance));
@@ -161,11 +188,14 @@ impl TrainOptions {
             ));
         }
         if self.train_backbone != TrainBackbone::None {
-            if self.backbone_epochs == 0 {
-                problems.push("--backbone-epochs must be at least 1".into());
+            if self.backbone_epochs == 0 || self.backbone_epochs > MAX_EPOCHS {
+                problems.push(format!(
+                    "--backbone-epochs {} is not in 1..={MAX_EPOCHS}",
+                    self.backbone_epochs
+                ));
             }
-            if !(self.backbone_lr.is_finite() && self.backbone_lr > 0.0) {
-                problems.push(format!("--backbone-lr {} must be above 0", self.backbone_lr));
+            if !lr_ok(self.backbone_lr) {
+                problems.push(format!("--backbone-lr {} is not in (0, 10]", self.backbone_lr));
             }
             if self.batch_size == 1 {
                 problems.push("--batch-size must be at least 2 to train the backbone".into());
@@ -222,6 +252,8 @@ pub struct Agreement {
     pub images: u64,
     pub same_top1: u64,
     pub fraction: f64,
+    /// Images that could no longer be read when the check ran (changed or removed).
+    pub unreadable: u64,
 }
 
 /// How the trunk was trained (`--train-backbone`).
@@ -296,7 +328,7 @@ struct Item {
 pub fn train(options: &TrainOptions, stop: &AtomicBool) -> Result<Outcome, TrainError> {
     let problems = options.problems();
     if !problems.is_empty() {
-        return Err(TrainError::Invalid(problems.join("; ")));
+        return Err(TrainError::Usage(problems.join("; ")));
     }
     let out = &options.out;
     let empty = std::fs::read_dir(out).is_ok_and(|mut entries| entries.next().is_none());
@@ -306,12 +338,9 @@ pub fn train(options: &TrainOptions, stop: &AtomicBool) -> Result<Outcome, Train
             "exists and is not a bundle (no manifest.toml); refusing to replace it",
         ));
     }
-    if empty {
-        std::fs::remove_dir(out).map_err(|e| TrainError::file(out, e))?;
-    }
     let device = resolve_device(&options.device).map_err(|e| match e {
         crate::model::ModelError::Device(reason) => {
-            TrainError::Invalid(format!("--device: {reason}"))
+            TrainError::Usage(format!("--device: {reason}"))
         }
         other => other.into(),
     })?;
@@ -337,7 +366,10 @@ pub fn train(options: &TrainOptions, stop: &AtomicBool) -> Result<Outcome, Train
     );
 
     let staging = Staging { dir: sibling(out, "tmp")?, keep: false };
-    std::fs::create_dir_all(&staging.dir).map_err(|e| TrainError::file(&staging.dir, e))?;
+    std::fs::create_dir_all(&staging.dir).map_err(|e| {
+        let staging = staging.dir.display();
+        TrainError::file(out, format!("--out: cannot write beside it (staging {staging}): {e}"))
+    })?;
     let backbone_path = staging.dir.join(BACKBONE);
     if options.threads > 0 {
         tch::set_num_threads(options.threads as i32);
@@ -421,7 +453,7 @@ pub fn train(options: &TrainOptions, stop: &AtomicBool) -> Result<Outcome, Train
         library = trunk.library(),
         feature_map = ?shape,
         cache = %cache.path().display(),
-        cached = cache.len(),
+        cache_records = cache.len(),
         "backbone ready"
     );
 
@@ -819,8 +851,8 @@ fn sweep_leftovers(out: &Path) {
     for entry in entries.filter_map(Result::ok) {
         let file_name = entry.file_name().to_string_lossy().into_owned();
         let Some(rest) = file_name.strip_prefix(&prefix) else { continue };
-        let Some(rest) = rest.strip_prefix("tmp-").or_else(|| rest.strip_prefix("features-"))
-        else {
+        let tags = ["tmp-", "features-", "old-"];
+        let Some((tag, rest)) = tags.iter().find_map(|t| Some((*t, rest.strip_prefix(t)?))) else {
             continue;
         };
         let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
@@ -830,6 +862,17 @@ fn sweep_leftovers(out: &Path) {
             continue;
         }
         let path = entry.path();
+        // A run killed between moving the old bundle aside and moving the new one in.
+        if tag == "old-" && !out.exists() {
+            match std::fs::rename(&path, out) {
+                Ok(()) => tracing::warn!(
+                    out = %out.display(),
+                    "put back the bundle a stopped run had moved aside"
+                ),
+                Err(error) => tracing::warn!(path = %path.display(), %error, "cannot put back"),
+            }
+            continue;
+        }
         match std::fs::remove_dir_all(&path) {
             Ok(()) => tracing::info!(path = %path.display(), "removed what a stopped run left"),
             Err(error) => tracing::warn!(path = %path.display(), %error, "cannot remove"),
@@ -1061,16 +1104,19 @@ fn agree(
     let mut backend = model::open_backend(&bundle, &BackendOptions::tract(options.threads))?;
     let size = preprocess.size as usize;
     let mut input = vec![0f32; 3 * size * size];
-    let (mut images, mut same) = (0u64, 0u64);
+    let (mut images, mut same, mut unreadable) = (0u64, 0u64, 0u64);
     for (index, item) in clean {
         if stop.load(Ordering::Relaxed) {
             return Err(TrainError::Interrupted);
         }
-        let frame = crate::preprocess::load_image(&item.path)
-            .map_err(|e| TrainError::file(&item.path, e))?;
-        preprocess
-            .try_write_tensor(&frame, &mut input)
-            .map_err(|e| TrainError::file(&item.path, e))?;
+        // An image changed or removed since its features were taken is left out, not fatal.
+        let read = crate::preprocess::load_image(&item.path)
+            .and_then(|frame| preprocess.try_write_tensor(&frame, &mut input));
+        if let Err(error) = read {
+            tracing::warn!(path = %item.path.display(), %error, "left out of the agreement check");
+            unreadable += 1;
+            continue;
+        }
         let (predictions, _) = backend.infer(&input, 1)?;
         let scores = &predictions[0].scores;
         let top = scores
@@ -1084,7 +1130,7 @@ fn agree(
         }
     }
     let fraction = if images == 0 { 1.0 } else { same as f64 / images as f64 };
-    Ok(Agreement { images, same_top1: same, fraction })
+    Ok(Agreement { images, same_top1: same, fraction, unreadable })
 }
 
 fn save_png(image: &image::RgbImage, path: &Path) -> Result<(), TrainError> {
@@ -1153,6 +1199,40 @@ fn progress_bar(show: bool, length: u64, what: &str) -> ProgressBar {
 mod tests {
     use super::*;
     use tract_onnx::pb::{NodeProto, TensorProto};
+
+    /// What dead runs left beside `--out` is removed, except a bundle moved aside while `--out`
+    /// is missing, which is put back; a live run's directories stay.
+    #[test]
+    fn leftovers_of_dead_runs_are_swept_and_a_moved_bundle_put_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("bundle");
+        let dead = 4_000_000_000u32;
+        let live = std::process::id();
+        for name in [
+            format!(".bundle.tmp-{dead}-1"),
+            format!(".bundle.features-{dead}-2"),
+            format!(".bundle.old-{dead}-3"),
+            format!(".bundle.tmp-{live}-4"),
+            format!(".other.tmp-{dead}-5"),
+        ] {
+            std::fs::create_dir(dir.path().join(&name)).unwrap();
+            std::fs::write(dir.path().join(&name).join(MANIFEST), &name).unwrap();
+        }
+        sweep_leftovers(&out);
+        let manifest = std::fs::read_to_string(out.join(MANIFEST)).unwrap();
+        assert_eq!(manifest, format!(".bundle.old-{dead}-3"));
+        let mut left: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        let expected = [
+            ".bundle.tmp-LIVE-4".replace("LIVE", &live.to_string()),
+            ".other.tmp-4000000000-5".into(),
+            "bundle".into(),
+        ];
+        assert_eq!(left, expected);
+    }
 
     /// A ResNet-50 with one operator libtorch's reader lacks (a Mul by 1 after the stem) is
     /// extracted on tract, with the same maps; a file that is not a ResNet-50 is still refused.

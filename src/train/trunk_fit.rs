@@ -348,6 +348,8 @@ pub fn train_trunk(
             }
             let size = options.batch_size.min(n - start);
             if size < 2 {
+                // Batch norm needs two images; a last one alone waits for the next epoch.
+                on_batch(size);
                 continue;
             }
             let index = order.f_narrow(0, start as i64, size as i64)?;
