@@ -311,6 +311,36 @@ fn unreadable_images_are_skipped_counted_and_named() {
     assert!(!leftover.exists(), "the dead run's staging directory is swept");
 }
 
+/// A long run (500 epochs) of `data`, logging to `log`, once its log shows `marker`; then
+/// `signals` SIGINTs 20 ms apart. Returns the exit status and the log.
+fn interrupt(
+    data: &Path,
+    out: &Path,
+    cache: &Path,
+    log: &Path,
+    marker: &str,
+    signals: usize,
+) -> (std::process::ExitStatus, String) {
+    let mut child = train(data, out, cache, &["--epochs", "500", "--patience", "500"])
+        .stderr(Stdio::from(std::fs::File::create(log).unwrap()))
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !std::fs::read_to_string(log).unwrap_or_default().contains(marker) {
+        assert!(Instant::now() < deadline, "{}", std::fs::read_to_string(log).unwrap_or_default());
+        assert!(child.try_wait().unwrap().is_none(), "{}", std::fs::read_to_string(log).unwrap());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let pid = child.id().to_string();
+    for _ in 0..signals {
+        assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = child.wait().unwrap();
+    (status, std::fs::read_to_string(log).unwrap())
+}
+
 #[test]
 fn ctrl_c_stops_the_run_and_leaves_no_bundle() {
     let dir = tempfile::tempdir().expect("temp dir");
@@ -318,21 +348,7 @@ fn ctrl_c_stops_the_run_and_leaves_no_bundle() {
     let (data, out, cache) =
         (dir.path().join("data"), dir.path().join("bundle"), dir.path().join("cache"));
     let log = dir.path().join("train.log");
-    let mut child = train(&data, &out, &cache, &["--epochs", "500", "--patience", "500"])
-        .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !std::fs::read_to_string(&log).unwrap_or_default().contains("epoch=2") {
-        assert!(Instant::now() < deadline, "{}", std::fs::read_to_string(&log).unwrap_or_default());
-        assert!(child.try_wait().unwrap().is_none(), "{}", std::fs::read_to_string(&log).unwrap());
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let pid = child.id().to_string();
-    assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
-    let status = child.wait().unwrap();
-    let text = std::fs::read_to_string(&log).unwrap();
+    let (status, text) = interrupt(&data, &out, &cache, &log, "epoch=2", 1);
     assert_eq!(status.code(), Some(130), "{text}");
     assert!(text.contains("stopped before the end"), "{text}");
     assert!(!out.exists());
@@ -340,24 +356,7 @@ fn ctrl_c_stops_the_run_and_leaves_no_bundle() {
 
     // A second Ctrl-C right after the first quits at once, still with 130 (libtorch is not torn
     // down under its running threads); the next run sweeps the staging directory it leaves.
-    let mut child = train(&data, &out, &cache, &["--epochs", "500", "--patience", "500"])
-        .stderr(Stdio::from(std::fs::File::create(&log).unwrap()))
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("spawn");
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !std::fs::read_to_string(&log).unwrap_or_default().contains("backbone ready") {
-        assert!(Instant::now() < deadline, "{}", std::fs::read_to_string(&log).unwrap_or_default());
-        assert!(child.try_wait().unwrap().is_none(), "{}", std::fs::read_to_string(&log).unwrap());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let pid = child.id().to_string();
-    for _ in 0..2 {
-        assert!(Command::new("kill").args(["-INT", &pid]).status().unwrap().success());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let status = child.wait().unwrap();
-    let text = std::fs::read_to_string(&log).unwrap();
+    let (status, text) = interrupt(&data, &out, &cache, &log, "backbone ready", 2);
     assert_eq!(status.code(), Some(130), "{text}");
     assert!(!out.exists());
 }
