@@ -414,11 +414,6 @@ fn train(args: TrainArgs) -> anyhow::Result<ExitCode> {
         skip_agreement: args.skip_agreement,
         progress: std::io::stderr().is_terminal(),
     };
-    let problems = options.problems();
-    if !problems.is_empty() {
-        eprintln!("error: {}", problems.join("; "));
-        return Ok(ExitCode::from(2));
-    }
     // Ctrl-C or SIGTERM: the run stops at the next batch and removes its staging directory. A
     // second one ends the process at once (a step such as the PCA's eigen-decomposition cannot
     // be cut short); the next run sweeps what that leaves beside --out.

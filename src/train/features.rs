@@ -471,7 +471,7 @@ fn apply_condition(
     let Some(mut image) = image::RgbImage::from_raw(frame.width, frame.height, frame.data) else {
         unreachable!("load_image returns tight RGB8 rows");
     };
-    let limit = 2 * preprocess.resize_side().max(u64::from(preprocess.size));
+    let limit = 2 * preprocess.resize_side();
     let short = u64::from(image.width().min(image.height()));
     if short > limit {
         let scale = |side: u32| ((u64::from(side) * limit).div_ceil(short)).max(1) as u32;
