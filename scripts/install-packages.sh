@@ -28,13 +28,35 @@ if [ "${#missing[@]}" -gt 0 ]; then
     esac
   done
   echo "installing: ${missing[*]}"
-  if ! $sudo apt-get update -qq; then
+  # A mirror caught mid-sync serves an index of the wrong size ("Mirror sync in progress?") for a
+  # minute or two: apt-get update is retried with pauses. When it still fails, the install is
+  # tried on the indexes apt did get (an update that fails on one security index leaves the main
+  # ones usable); only a failed install is an error.
+  updated=no
+  for pause in 0 20 60 120; do
+    if [ "$pause" != 0 ]; then
+      echo "apt-get update failed; retrying in $pause s" >&2
+      sleep "$pause"
+    fi
+    if $sudo apt-get -o Acquire::Retries=3 update -qq; then
+      updated=yes
+      break
+    fi
+  done
+  if [ "$updated" = no ]; then
+    echo "warning: apt-get update kept failing; installing from the indexes apt has" >&2
+  fi
+  if ! $sudo env DEBIAN_FRONTEND=noninteractive apt-get -o Acquire::Retries=3 install -y -qq \
+    --no-install-recommends "${missing[@]}"; then
     # An architecture the configured archives do not carry (e.g. arm64 on an Ubuntu host, whose
     # ARM packages live elsewhere) breaks every later update: take it back out.
-    for arch in "${added[@]}"; do $sudo dpkg --remove-architecture "$arch"; done
-    echo "error: apt-get update failed${added:+ after adding ${added[*]}, removed again}" >&2
+    # (dpkg refuses while packages of that architecture are installed; then it stays.)
+    for arch in "${added[@]}"; do $sudo dpkg --remove-architecture "$arch" || true; done
+    if [ "$updated" = no ]; then
+      echo "error: apt-get update failed${added:+ after adding ${added[*]}, removed again}" >&2
+    else
+      echo "error: apt-get install failed${added:+; ${added[*]} removed from dpkg again}" >&2
+    fi
     exit 1
   fi
-  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    "${missing[@]}"
 fi
