@@ -149,6 +149,13 @@ fn fashion_mnist_subset_trains_a_bundle_that_both_backends_run() {
     // The daemon's loader accepts it; classify on held-out images with both backends.
     let verify = run(edgesight().args(["model", "verify"]).arg(&out));
     assert!(verify.status.success(), "verify: {}", text(&verify.stderr));
+    let inspect = run(edgesight().args(["model", "inspect"]).arg(&out));
+    assert!(inspect.status.success(), "inspect: {}", text(&inspect.stderr));
+    let metrics = text(&inspect.stdout);
+    let metrics = metrics.lines().find(|l| l.starts_with("metrics")).expect("a metrics line");
+    let accuracy = report["validation"]["clean"]["accuracy"].as_f64().expect("accuracy");
+    let accuracy = format!("val_accuracy {accuracy:.4}");
+    assert!(metrics.contains(&accuracy), "{metrics} lacks {accuracy}");
     let held_out: Vec<(String, PathBuf)> = ["bag", "trouser", "sneaker", "sandal", "dress"]
         .iter()
         .flat_map(|class| {

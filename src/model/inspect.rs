@@ -340,7 +340,26 @@ pub fn inspect(bundle: &Bundle) -> Result<String, ModelError> {
     let total = trunk_macs + projection_macs + head.total_macs();
     let _ = writeln!(out, "total     {:.3} GFLOPs per frame at {s}x{s}", gflops(total));
     let _ = writeln!(out, "labels    ({}) {}", bundle.labels.len(), bundle.labels.join(", "));
+    if let Some(metrics) = m.metrics.as_ref().filter(|t| !t.is_empty()) {
+        let _ = writeln!(out, "metrics   {}", metrics_line(metrics));
+    }
     Ok(out)
+}
+
+/// The manifest's `[metrics]` on one line, keys in order, numbers to 4 decimal places
+/// (`edgesight train` writes accuracies, losses, the kept epoch and the report's file name).
+fn metrics_line(metrics: &toml::Table) -> String {
+    let mut keys: Vec<&String> = metrics.keys().collect();
+    keys.sort();
+    let value = |v: &toml::Value| match v {
+        toml::Value::Float(f) => format!("{f:.4}"),
+        toml::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    keys.iter()
+        .map(|k| format!("{k} {}", value(&metrics[k.as_str()])))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]
@@ -371,6 +390,19 @@ mod tests {
         assert!((params - 25.6).abs() < 0.1, "{params} M parameters");
         let stages: Vec<String> = cost.by_stage().into_iter().map(|s| s.0).collect();
         assert_eq!(stages, ["stem", "layer1", "layer2", "layer3", "layer4", "tail"]);
+    }
+
+    #[test]
+    fn metrics_are_one_sorted_line() {
+        let table: toml::Table = toml::from_str(
+            "val_loss = 0.2481\nbest_epoch = 4\nreport = \"report.json\"\n\
+                            test_accuracy = 0.90821",
+        )
+        .unwrap();
+        assert_eq!(
+            metrics_line(&table),
+            "best_epoch 4, report report.json, test_accuracy 0.9082, val_loss 0.2481"
+        );
     }
 
     #[test]
