@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Cross-builds the tract-only daemon for an ARM board on an x86-64 Debian host.
 #
-#   cross/build.sh aarch64|armv7 [--env] [cargo build arguments]
+#   cross/build.sh aarch64|armv7 [--env | --packages] [cargo build arguments]
 #
 # aarch64 = aarch64-unknown-linux-gnu (Debian arm64: Raspberry Pi 3/4/5 and Jetson with a 64-bit
 # OS), armv7 = armv7-unknown-linux-gnueabihf (Debian armhf: 32-bit Raspberry Pi OS and older
 # boards). Without cargo arguments it builds `--release --bin edgesight` and prints the binary's
 # path and stripped size; arguments replace those (e.g. `--profile dev --all-targets`).
 # `--env` prints the environment instead, for `eval "$(cross/build.sh aarch64 --env)"` followed
-# by your own `cargo build --target …`.
+# by your own `cargo build --target …`. `--packages` only installs what the build needs.
 #
 # What it installs (apt-get, only what is missing): the cross compiler gcc-<triplet> and, from
 # Debian's multiarch archive, the target's GStreamer, GLib and ORC development files. One file
@@ -21,7 +21,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 usage() {
-  echo "usage: cross/build.sh aarch64|armv7 [--env] [cargo build arguments]" >&2
+  echo "usage: cross/build.sh aarch64|armv7 [--env | --packages] [cargo build arguments]" >&2
   exit 2
 }
 
@@ -34,8 +34,12 @@ case "${1:-}" in
 esac
 shift
 print_env=false
+packages_only=false
 if [ "${1:-}" = "--env" ]; then
   print_env=true
+  shift
+elif [ "${1:-}" = "--packages" ]; then
+  packages_only=true
   shift
 fi
 
@@ -48,6 +52,9 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$cache/target}"
     "libgstreamer-plugins-base1.0-0:$arch" "liborc-0.4-dev:$arch"
   rustup target list --installed | grep -qx "$target" || rustup target add "$target"
 } >&2
+if $packages_only; then
+  exit 0
+fi
 
 # The plugins-base development files, unpacked once per version.
 version=$(dpkg-query -W -f='${Version}' "libgstreamer-plugins-base1.0-0:$arch")
