@@ -10,8 +10,9 @@
 //! ONNX writer; the PCA and the head are then fitted on the trained trunk's features.
 //!
 //! AdamW with a cosine schedule and cross-entropy; each epoch sees every training image once,
-//! clean or under its drawn condition (half and half), randomly flipped left to right; the
-//! epoch with the lowest validation loss is kept.
+//! clean or under its drawn condition (half and half), randomly flipped left to right and
+//! shifted by up to an eighth of its side; the epoch with the highest validation accuracy is
+//! kept (the lower validation loss breaks a tie).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -335,7 +336,8 @@ pub fn train_trunk(
         nn::adamw(0.9, 0.999, options.weight_decay).build(&trained_store, options.lr)?;
     let n = train.len();
     let steps = (n.div_ceil(options.batch_size) * options.epochs) as f64;
-    let (mut step, mut best_loss, mut history) = (0usize, f64::INFINITY, Vec::new());
+    let (mut step, mut history) = (0usize, Vec::new());
+    let mut best_score = (f64::NEG_INFINITY, f64::NEG_INFINITY);
     let mut best: Option<Vec<(String, Tensor)>> = None;
     for epoch in 1..=options.epochs {
         let order = Tensor::f_randperm(n as i64, (Kind::Int64, Device::Cpu))?;
@@ -365,7 +367,7 @@ pub fn train_trunk(
             let flip =
                 Tensor::f_rand([size as i64, 1, 1, 1], (Kind::Float, Device::Cpu))?.f_lt(0.5)?;
             let x = x.f_flip([3])?.f_where_self(&flip, &x)?;
-            let x = x.f_to_kind(Kind::Float)?.f_to_device(device)?;
+            let x = random_shift(&x.f_to_kind(Kind::Float)?)?.f_to_device(device)?;
             let y = train.labels.f_index_select(0, &index)?.f_to_device(device)?;
             lr = options.lr * 0.5 * (1.0 + (std::f64::consts::PI * step as f64 / steps).cos());
             optimizer.set_lr(lr);
@@ -390,8 +392,13 @@ pub fn train_trunk(
         };
         on_epoch(&record);
         history.push(record);
-        if val_loss < best_loss {
-            best_loss = val_loss;
+        // The trunk's classifier is thrown away: what counts is how well its features separate
+        // the classes, which accuracy follows; the loss rises from the point where the
+        // classifier grows over-confident while accuracy still climbs (Fashion-MNIST, 32 px:
+        // lowest loss at epoch 8 of 12 with 91.7 %, 92.3 % at epoch 11).
+        let score = (val_accuracy, -val_loss);
+        if val_loss.is_finite() && score > best_score {
+            best_score = score;
             best = Some(snapshot(&trained_store)?);
         }
     }
@@ -401,6 +408,27 @@ pub fn train_trunk(
     restore(&trained_store, &best)?;
     model.store(net)?;
     Ok(history)
+}
+
+/// Moves each image of `x` (`[N,C,H,W]`, float) by its own random offset of up to an eighth of
+/// its side in each direction, the uncovered border filled by repeating the edge pixels: an
+/// object is rarely centred the same way twice, and without this the trunk learns the
+/// training images' framing (at 32 px it overfitted from the eighth epoch on Fashion-MNIST).
+fn random_shift(x: &Tensor) -> Result<Tensor, tch::TchError> {
+    let size = x.size();
+    let [n, _, h, w] = size[..] else {
+        return Ok(x.shallow_clone());
+    };
+    let pad = (h.min(w) / 8).max(1);
+    let padded = x.f_replication_pad2d([pad, pad, pad, pad])?;
+    let offsets = Tensor::f_randint(2 * pad + 1, [n, 2], (Kind::Int64, Device::Cpu))?;
+    let offsets: Vec<i64> = super::host_values(&offsets)?;
+    let crops = offsets
+        .chunks_exact(2)
+        .enumerate()
+        .map(|(i, yx)| padded.f_get(i as i64)?.f_narrow(1, yx[0], h)?.f_narrow(2, yx[1], w))
+        .collect::<Result<Vec<_>, _>>()?;
+    Tensor::f_stack(&crops, 0)
 }
 
 fn hits(logits: &Tensor, labels: &Tensor) -> Result<f64, tch::TchError> {
@@ -593,5 +621,30 @@ mod tests {
         assert_eq!(net.stem.weight, stem_before);
         assert_eq!(net.stages[2][0].convs[0].weight, layer3_before);
         assert_ne!(net.stages[3][0].convs[0].weight, layer4_before);
+    }
+
+    #[test]
+    fn random_shift_moves_each_image_within_an_eighth_and_repeats_the_edge() {
+        tch::manual_seed(3);
+        // 64 images of 16×16 with one bright pixel at (8, 8): after the shift each image still
+        // has its pixel, at most 2 px away, and the shifts differ between images.
+        let x = Tensor::zeros([64, 1, 16, 16], (Kind::Float, Device::Cpu));
+        let _ = x.narrow(2, 8, 1).narrow(3, 8, 1).fill_(1.0);
+        let shifted = random_shift(&x).unwrap();
+        assert_eq!(shifted.size(), [64, 1, 16, 16]);
+        let pixels: Vec<f32> = values(&shifted).unwrap();
+        let mut places = std::collections::HashSet::new();
+        for image in pixels.chunks_exact(256) {
+            let bright: Vec<usize> = (0..256).filter(|&i| image[i] == 1.0).collect();
+            assert_eq!(bright.len(), 1, "{bright:?}");
+            let (y, x) = (bright[0] / 16, bright[0] % 16);
+            assert!(y.abs_diff(8) <= 2 && x.abs_diff(8) <= 2, "({y}, {x})");
+            places.insert((y, x));
+        }
+        assert!(places.len() > 10, "{places:?}");
+        // A constant image stays constant: the border repeats the edge, it is not black.
+        let grey = Tensor::full([4, 3, 8, 8], 0.5, (Kind::Float, Device::Cpu));
+        let shifted: Vec<f32> = values(&random_shift(&grey).unwrap()).unwrap();
+        assert!(shifted.iter().all(|&v| v == 0.5));
     }
 }
