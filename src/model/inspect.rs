@@ -346,20 +346,16 @@ pub fn inspect(bundle: &Bundle) -> Result<String, ModelError> {
     Ok(out)
 }
 
-/// The manifest's `[metrics]` on one line, keys in order, numbers to 4 decimal places
-/// (`edgesight train` writes accuracies, losses, the kept epoch and the report's file name).
+/// The manifest's `[metrics]` on one line, keys in the table's (alphabetical) order, numbers
+/// to 4 decimal places (`edgesight train` writes accuracies, losses, the kept epoch and the
+/// report's file name).
 fn metrics_line(metrics: &toml::Table) -> String {
-    let mut keys: Vec<&String> = metrics.keys().collect();
-    keys.sort();
     let value = |v: &toml::Value| match v {
         toml::Value::Float(f) => format!("{f:.4}"),
         toml::Value::String(s) => s.clone(),
         other => other.to_string(),
     };
-    keys.iter()
-        .map(|k| format!("{k} {}", value(&metrics[k.as_str()])))
-        .collect::<Vec<_>>()
-        .join(", ")
+    metrics.iter().map(|(k, v)| format!("{k} {}", value(v))).collect::<Vec<_>>().join(", ")
 }
 
 #[cfg(test)]

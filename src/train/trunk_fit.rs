@@ -415,10 +415,7 @@ pub fn train_trunk(
 /// object is rarely centred the same way twice, and without this the trunk learns the
 /// training images' framing (at 32 px it overfitted from the eighth epoch on Fashion-MNIST).
 fn random_shift(x: &Tensor) -> Result<Tensor, tch::TchError> {
-    let size = x.size();
-    let [n, _, h, w] = size[..] else {
-        return Ok(x.shallow_clone());
-    };
+    let (n, _, h, w) = x.size4()?;
     let pad = (h.min(w) / 8).max(1);
     let padded = x.f_replication_pad2d([pad, pad, pad, pad])?;
     let offsets = Tensor::f_randint(2 * pad + 1, [n, 2], (Kind::Int64, Device::Cpu))?;
