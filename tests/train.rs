@@ -258,6 +258,8 @@ fn bad_folders_and_backbones_are_refused_without_a_half_bundle() {
     for (flag, value) in [
         ("--conditions", "fog"),
         ("--train-backbone", "some"),
+        ("--backbone-precision", "f16"),
+        ("--backbone-precision", "f64"),
         ("--weight-decay", "-1"),
         ("--threads", "100000"),
         ("--patience", "0"),
@@ -379,6 +381,8 @@ fn a_trained_trunk_goes_back_into_the_bundle_and_tract_runs_it() {
         "last-stage",
         "--backbone-epochs",
         "2",
+        "--backbone-precision",
+        "bf16",
         "--epochs",
         "2",
         "--batch-size",
@@ -392,10 +396,12 @@ fn a_trained_trunk_goes_back_into_the_bundle_and_tract_runs_it() {
     let stderr = text(&output.stderr);
     assert!(output.status.success(), "{stderr}");
     assert!(stderr.contains("backbone epoch"), "{stderr}");
+    assert!(stderr.contains("precision=\"bf16\""), "the trunk trained in bf16: {stderr}");
 
     let report = read_json(&out.join("report.json"));
     let trunk = &report["backbone_training"];
     assert_eq!(trunk["scope"], "last-stage");
+    assert_eq!(report["options"]["backbone_precision"], "bf16");
     assert_eq!(trunk["history"].as_array().map(Vec::len), Some(2));
     assert!(report["agreement"]["fraction"].as_f64().unwrap() >= 0.995, "{}", report["agreement"]);
     assert!(out.join("backbone-training.png").is_file());

@@ -112,6 +112,20 @@ fn check_input_size(size: u32, path: &Path) -> Result<(), ModelError> {
     Ok(())
 }
 
+/// Why a new bundle may not take the place of `out`, if it may not: `out` exists and is not a
+/// bundle directory (one with a `manifest.toml`).
+pub fn not_replaceable(out: &Path) -> Option<&'static str> {
+    if !out.exists() {
+        None
+    } else if !out.is_dir() {
+        Some("is a file, not a bundle directory; refusing to replace it")
+    } else if !out.join(MANIFEST).is_file() {
+        Some("exists and is not a bundle (no manifest.toml); refusing to replace it")
+    } else {
+        None
+    }
+}
+
 /// Writes a complete synthetic bundle to `out` (created or replaced). `out` must not exist, or
 /// be a bundle directory (one with a `manifest.toml`): anything else is refused rather than
 /// overwritten.
@@ -120,8 +134,7 @@ pub fn write_bundle(out: &Path, options: &SynthOptions) -> Result<(), ModelError
     if options.labels.is_empty() {
         return Err(ModelError::bundle(out, "a bundle needs at least one label"));
     }
-    if out.exists() && !out.join(MANIFEST).is_file() {
-        let reason = "exists and is not a bundle (no manifest.toml); refusing to replace it";
+    if let Some(reason) = not_replaceable(out) {
         return Err(ModelError::bundle(out, reason));
     }
     let staging = sibling(out, "tmp")?;
@@ -222,6 +235,16 @@ mod tests {
         assert!(error.unwrap_or_default().contains("not a bundle"));
         assert!(dir.join("precious.txt").is_file());
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[test]
+    fn refuses_to_replace_a_file_and_says_it_is_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("model");
+        std::fs::write(&file, b"keep me").unwrap();
+        let error = write_bundle(&file, &SynthOptions::default()).unwrap_err().to_string();
+        assert!(error.contains("is a file, not a bundle directory"), "{error}");
+        assert_eq!(std::fs::read(&file).unwrap(), b"keep me");
     }
 
     #[test]

@@ -33,9 +33,11 @@ use super::plot;
 use super::trunk_fit::{self, ImageSet, TrainBackbone, TrunkOptions};
 use crate::model::bundle::{BACKBONE, HEAD, HEAD_WEIGHTS, MANIFEST, Manifest, PCA, sha256_file};
 use crate::model::resnet::{GraphStyle, Naming, ResNet50, Tail, write_graph};
-use crate::model::synth::{VariantOptions, replace_dir, sibling, write_resnet50_variant};
+use crate::model::synth::{
+    VariantOptions, not_replaceable, replace_dir, sibling, write_resnet50_variant,
+};
 use crate::model::torch_backend::{TorchTrunk, device_name, resolve_device};
-use crate::model::{self, BackendOptions, Bundle, FEATURE_CHANNELS};
+use crate::model::{self, BackendOptions, Bundle, FEATURE_CHANNELS, Precision};
 use crate::preprocess::Preprocess;
 
 pub const REPORT: &str = "report.json";
@@ -115,6 +117,8 @@ pub struct TrainOptions {
     pub backbone_epochs: usize,
     /// Peak learning rate of trunk training.
     pub backbone_lr: f64,
+    /// Arithmetic of trunk training (f32 or bf16; the weights stay f32 either way).
+    pub backbone_precision: Precision,
     /// Feature cache directory.
     pub cache: PathBuf,
     /// CPU threads for libtorch and decoding; 0 = one per core.
@@ -186,6 +190,13 @@ impl TrainOptions {
                 "--max-components {} is not in 1..={FEATURE_CHANNELS}",
                 self.max_components
             ));
+        }
+        if self.backbone_precision == Precision::F16 {
+            problems.push(
+                "--backbone-precision f16: training in float16 needs loss scaling, which \
+                 trunk training does not do; use bf16 or f32"
+                    .to_string(),
+            );
         }
         if self.train_backbone != TrainBackbone::None {
             if self.backbone_epochs == 0 || self.backbone_epochs > MAX_EPOCHS {
@@ -332,11 +343,8 @@ pub fn train(options: &TrainOptions, stop: &AtomicBool) -> Result<Outcome, Train
     }
     let out = &options.out;
     let empty = std::fs::read_dir(out).is_ok_and(|mut entries| entries.next().is_none());
-    if out.exists() && !empty && !out.join(MANIFEST).is_file() {
-        return Err(TrainError::file(
-            out,
-            "exists and is not a bundle (no manifest.toml); refusing to replace it",
-        ));
+    if let Some(reason) = not_replaceable(out).filter(|_| !empty) {
+        return Err(TrainError::file(out, reason));
     }
     let device = resolve_device(&options.device).map_err(|e| match e {
         crate::model::ModelError::Device(reason) => {
@@ -780,6 +788,7 @@ fn train_backbone(
         images = labels.len(),
         validation = val_labels.len(),
         epochs = options.backbone_epochs,
+        precision = options.backbone_precision.as_str(),
         "training the backbone"
     );
 
@@ -790,13 +799,14 @@ fn train_backbone(
         batch_size: options.batch_size,
         lr: options.backbone_lr,
         weight_decay: options.weight_decay,
+        precision: options.backbone_precision,
         seed: options.seed,
         device,
     };
     let total = (options.backbone_epochs * labels.len()) as u64;
     let bar = progress_bar(options.progress, total, "backbone");
     let mut milestones = Milestones::new("backbone training", total);
-    let history = trunk_fit::train_trunk(
+    let (history, best_epoch) = trunk_fit::train_trunk(
         &mut net,
         &train,
         &val,
@@ -813,8 +823,6 @@ fn train_backbone(
         other => TrainError::Trunk(other),
     })?;
     bar.finish_and_clear();
-    let best_epoch =
-        history.iter().min_by(|a, b| a.val_loss.total_cmp(&b.val_loss)).map_or(0, |r| r.epoch);
     Ok(TrainedTrunk { net, history, best_epoch })
 }
 
