@@ -23,6 +23,7 @@ use tch::{Device, Kind, Tensor};
 use super::head_fit::EpochRecord;
 use crate::model::onnx::{self as onnx_file, tensor_f32};
 use crate::model::resnet::{BN_EPSILON, ConvBn, ResNet50};
+use crate::model::torch_backend::{channels_last, kind_of};
 use crate::model::{FEATURE_CHANNELS, Precision};
 
 /// Which part of the trunk `--train-backbone` trains.
@@ -270,7 +271,7 @@ impl TrunkNet {
     /// last (strides of NHWC, shape still NCHW), which libtorch's CPU convolutions run faster
     /// and every later layer keeps.
     fn features(&self, x: &Tensor, train: bool) -> Tensor {
-        let x = &x.to_kind(self.compute).permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2]);
+        let x = &channels_last(&x.to_kind(self.compute));
         let frozen_part = |part: usize| part < self.first_trained;
         let run_stem = |x: &Tensor| {
             self.stem.forward(x, train && !frozen_part(0)).relu().max_pool2d(
@@ -448,13 +449,12 @@ fn random_shift(x: &Tensor) -> Result<Tensor, tch::TchError> {
 }
 
 fn compute_kind(precision: Precision) -> Result<Kind, TrunkError> {
-    match precision {
-        Precision::F32 => Ok(Kind::Float),
-        Precision::Bf16 => Ok(Kind::BFloat16),
-        Precision::F16 => Err(TrunkError::Invalid(
+    if precision == Precision::F16 {
+        return Err(TrunkError::Invalid(
             "float16 needs loss scaling, which trunk training does not do; use bf16 or f32".into(),
-        )),
+        ));
     }
+    Ok(kind_of(precision))
 }
 
 fn hits(logits: &Tensor, labels: &Tensor) -> Result<f64, tch::TchError> {

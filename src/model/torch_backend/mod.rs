@@ -9,6 +9,8 @@
 
 mod trunk;
 
+pub(crate) use trunk::channels_last;
+
 use std::time::Instant;
 
 use safetensors::{Dtype, SafeTensors};
@@ -64,7 +66,7 @@ pub fn device_name(device: Device) -> String {
     }
 }
 
-fn kind_of(precision: Precision) -> Kind {
+pub(crate) fn kind_of(precision: Precision) -> Kind {
     match precision {
         Precision::F32 => Kind::Float,
         Precision::Bf16 => Kind::BFloat16,

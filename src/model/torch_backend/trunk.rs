@@ -29,7 +29,7 @@ use crate::model::resnet::{self, BN_EPSILON};
 
 /// Gives NHWC strides to a 4-d tensor while keeping its NCHW shape (oneDNN and cuDNN run
 /// channels-last convolutions faster).
-fn channels_last(tensor: &Tensor) -> Tensor {
+pub(crate) fn channels_last(tensor: &Tensor) -> Tensor {
     if tensor.dim() == 4 {
         tensor.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
     } else {
